@@ -1,0 +1,65 @@
+import numpy as np
+
+from blip2.toyworld.text import (
+    CAPTION_TEMPLATES,
+    HELD_OUT_TASKS,
+    INSTRUCTION_TASKS,
+    caption,
+    caption_matches,
+    instruction_example,
+    lm_pretraining_example,
+    parse_attributes,
+)
+from blip2.toyworld.world import Attributes, all_attributes
+
+RED_CIRCLE = Attributes("circle", "red", "large", "left")
+
+
+def test_every_template_states_all_four_attributes():
+    assert len(CAPTION_TEMPLATES) >= 5
+    for attributes in all_attributes()[::7]:
+        texts = {caption(attributes, t) for t in range(len(CAPTION_TEMPLATES))}
+        assert len(texts) == len(CAPTION_TEMPLATES)
+        assert all(caption_matches(text, attributes) for text in texts)
+
+
+def test_caption_matching_is_strict():
+    assert caption_matches("a large red circle on the left", RED_CIRCLE)
+    assert not caption_matches("a large red circle", RED_CIRCLE)  # position missing
+    assert not caption_matches("a large blue circle on the left", RED_CIRCLE)
+    assert not caption_matches("a large red or blue circle on the left", RED_CIRCLE)  # hedging
+    assert parse_attributes("IMG_0412.JPG") == {}
+
+
+def test_instruction_families_and_answers():
+    assert set(INSTRUCTION_TASKS) == {"colour", "shape", "size", "position", "describe", "existence"}
+    assert all(len(p) >= 3 for p in INSTRUCTION_TASKS.values())
+    assert HELD_OUT_TASKS == ("existence",)
+    rng = np.random.default_rng(0)
+    assert instruction_example("colour", RED_CIRCLE, rng).answer == "red"
+    assert instruction_example("position", RED_CIRCLE, rng).answer == "left"
+    assert caption_matches(instruction_example("describe", RED_CIRCLE, rng).answer, RED_CIRCLE)
+
+
+def test_existence_questions_are_balanced_and_truthful():
+    rng = np.random.default_rng(0)
+    answers = []
+    for _ in range(400):
+        example = instruction_example("existence", RED_CIRCLE, rng)
+        asked = parse_attributes(example.instruction)
+        truthful = asked["colour"] == "red" and asked["shape"] == "circle"
+        assert example.answer == ("yes" if truthful else "no")
+        answers.append(example.answer)
+    assert 0.4 < answers.count("yes") / len(answers) < 0.6
+
+
+def test_lm_pretraining_targets_agree_with_their_context():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        attributes = all_attributes()[int(rng.integers(len(all_attributes())))]
+        example = lm_pretraining_example(attributes, rng)
+        context = parse_attributes(example.context)
+        stated = parse_attributes(example.target)
+        for name, value in stated.items():  # the target never contradicts its context
+            if name in context:
+                assert context[name] == value

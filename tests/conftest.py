@@ -1,0 +1,29 @@
+"""Shared fixtures: a small toy world written once per session, and one local Ray instance."""
+
+from __future__ import annotations
+
+import pytest
+
+from blip2.toyworld.corpus import ToyWorldConfig, write_toyworld
+
+SMALL_WORLD = ToyWorldConfig(seed=3, web_size=300, clean_size=60, val_size=40, test_size=40, novel_size=30,
+                             shard_size=128)
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """A small toy world on disk (WebDataset + Parquet), with its summary."""
+    root = tmp_path_factory.mktemp("toyworld")
+    return root, write_toyworld(SMALL_WORLD, root)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray instance for the whole session (starting one costs ~5 s and ~1 GB).
+
+    More logical CPUs than the two cores: Ray Data read tasks must never be starved by actors
+    (ENVIRONMENT.md, the silent-deadlock trap)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
