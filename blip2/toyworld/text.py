@@ -156,14 +156,23 @@ def context_words(attributes: Attributes, rng: np.random.Generator) -> str:
     return " ".join(words)
 
 
+# How often each instruction task is drawn for LM pretraining, relative to the others. Every task but
+# ``existence`` only copies a word (or the caption) from the context and is learned in a few hundred
+# steps; ``existence`` must compare the question's words with the context, and at equal weight a tiny LM
+# sat on the majority answer for over a thousand steps.
+LM_TASK_WEIGHTS: dict[str, float] = {task: 5.0 if task == "existence" else 1.0 for task in INSTRUCTION_TASKS}
+
+
 def lm_pretraining_example(attributes: Attributes, rng: np.random.Generator) -> TextExample:
-    """One LM pretraining example: a caption, or a caption / answer conditioned on context words."""
+    """One LM pretraining example: a caption (10%), a caption conditioned on context words (30%), or an
+    answer conditioned on context words and an instruction (60%, tasks drawn by ``LM_TASK_WEIGHTS``)."""
     kind = rng.random()
-    if kind < 0.2:
+    if kind < 0.1:
         return TextExample("", random_caption(attributes, rng))
-    if kind < 0.6:
+    if kind < 0.4:
         return TextExample(context_words(attributes, rng), random_caption(attributes, rng))
-    task = tuple(INSTRUCTION_TASKS)[int(rng.integers(len(INSTRUCTION_TASKS)))]
+    weights = np.array(list(LM_TASK_WEIGHTS.values()))
+    task = tuple(LM_TASK_WEIGHTS)[int(rng.choice(len(weights), p=weights / weights.sum()))]
     example = instruction_example(task, attributes, rng)
     return TextExample(context_words(attributes, rng), example.answer, prompt=example.instruction)
 

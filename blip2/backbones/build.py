@@ -1,0 +1,215 @@
+"""Build, evaluate and locate the toy world's frozen backbones.
+
+A backbone directory holds what a hub checkpoint would, written with ``save_pretrained``:
+
+    vision/              Blip2VisionModel + BlipImageProcessor config
+    opt/                 OPTForCausalLM + the LM tokenizer
+    t5/                  T5ForConditionalGeneration + the LM tokenizer
+    qformer_tokenizer/   WordPiece tokenizer of the Q-Former's text side (with [DEC])
+    report.json          the build config and every quality number
+
+Everything downstream loads them with ``from_pretrained(path)``: exactly the code path of a real
+checkpoint. A built set ships inside the package (``blip2/assets/toy_backbones``) so that the demo and
+the tests need not rebuild it; ``build_backbones`` reproduces it from the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    Blip2VisionModel,
+    BlipImageProcessorPil,
+)
+
+from blip2.backbones.language import (
+    LanguagePretrainConfig,
+    evaluate_language_model,
+    pretrain_causal_lm,
+    pretrain_seq2seq_lm,
+)
+from blip2.backbones.vision import (
+    IMAGE_MEAN,
+    IMAGE_STD,
+    VisionPretrainConfig,
+    linear_probe,
+    pretrain_vision,
+    sample_images,
+)
+from blip2.tokenization import build_lm_tokenizer, build_qformer_tokenizer
+from blip2.toyworld.corpus import ToyWorldConfig, generate_split, split_attributes
+from blip2.toyworld.text import vocabulary_text
+from blip2.toyworld.world import ATTRIBUTES, all_attributes, decode_image
+
+PACKAGED_BACKBONES = Path(__file__).resolve().parent.parent / "assets" / "toy_backbones"
+PARTS = ("vision", "opt", "t5", "qformer_tokenizer")
+LM_HEADLINE = ("perplexity", "context_accuracy", "answer_accuracy")  # the per-task accuracies are in the report
+
+
+@dataclass(frozen=True)
+class BackbonesConfig:
+    """What ``blip2 backbones`` builds. Each part carries its own seed."""
+
+    vision: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
+    language: LanguagePretrainConfig = field(default_factory=LanguagePretrainConfig)
+    # The probe is scored on the `test` (and `novel`) split of the toy world with this seed.
+    eval_toyworld_seed: int = 0
+    num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+
+@dataclass(frozen=True)
+class ToyBackbones:
+    """Paths of a built backbone set; each is a ``from_pretrained`` directory."""
+
+    root: Path
+
+    @property
+    def vision(self) -> Path:
+        return self.root / "vision"
+
+    @property
+    def opt(self) -> Path:
+        return self.root / "opt"
+
+    @property
+    def t5(self) -> Path:
+        return self.root / "t5"
+
+    @property
+    def qformer_tokenizer(self) -> Path:
+        return self.root / "qformer_tokenizer"
+
+    def report(self) -> dict:
+        return json.loads((self.root / "report.json").read_text())
+
+
+def find_backbones(path: str | Path | None = None) -> ToyBackbones:
+    """The backbone set at ``path`` (default: the one shipped in the package), checked for completeness."""
+    root = Path(path) if path else PACKAGED_BACKBONES
+    missing = [p for p in (*PARTS, "report.json") if not (root / p).exists()]
+    if missing:
+        raise FileNotFoundError(f"no complete toy backbone set at {root} (missing {', '.join(missing)}); "
+                                f"build one with `blip2 backbones --out {root}`")
+    return ToyBackbones(root)
+
+
+def _split_images(config: ToyWorldConfig, split: str) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    records = generate_split(config, split)
+    images = np.stack([decode_image(r.image) for r in records])
+    labels = {name: torch.tensor([values.index(getattr(r.attributes, name)) for r in records])
+              for name, values in ATTRIBUTES.items()}
+    return images, labels
+
+
+def evaluate_backbones(backbones: ToyBackbones, toyworld_seed: int = 0, probe_train_size: int = 3000,
+                       probe_steps: int = 300, seed: int = 0) -> dict:
+    """Load each backbone through ``from_pretrained`` and measure it on held-out data:
+
+    - vision: a fresh linear probe on frozen pooled features, trained on freshly drawn images of the
+      training attribute combinations, scored on the toy world's ``test`` and ``novel`` splits;
+    - each LM: held-out perplexity and how often greedy decoding states what its context says.
+    """
+    vision = Blip2VisionModel.from_pretrained(backbones.vision).eval()
+    image_size = vision.config.image_size
+    rng = np.random.default_rng([seed, 7])
+    train = sample_images(split_attributes("web"), probe_train_size, rng, image_size, jpeg_quality=92)
+    world = ToyWorldConfig(seed=toyworld_seed, image_size=image_size)
+    probe = linear_probe(vision, train, {s: _split_images(world, s) for s in ("test", "novel")}, probe_steps, seed)
+    report = {"vision": {"probe": probe}}
+    for name, loader in (("opt", AutoModelForCausalLM), ("t5", AutoModelForSeq2SeqLM)):
+        model = loader.from_pretrained(getattr(backbones, name)).eval()
+        tokenizer = AutoTokenizer.from_pretrained(getattr(backbones, name))
+        report[name] = evaluate_language_model(model, tokenizer, all_attributes(), seed=seed + 1000)
+    return report
+
+
+def _size_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*.safetensors"))
+
+
+def build_backbones(config: BackbonesConfig, out: str | Path, log: Callable[[str], None] = print) -> ToyBackbones:
+    """Pretrain the three backbones and both tokenizers from scratch into ``out``; returns their paths.
+
+    The vision model and the LMs are pretrained on every attribute combination, the `novel` colour x
+    shape pairs included: they stand in for encoders and LLMs pretrained on web-scale data, which have
+    seen every colour on every shape. What the `novel` split holds out is the *image-text* data of
+    BLIP-2's own training (CapFilt, stage 1, stage 2, instruction tuning), never the backbones' data.
+    The directory is written to a temporary sibling and renamed into place, so a crash never leaves a
+    half-built set that a later run would take for finished.
+    """
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    timings: dict[str, float] = {}
+    try:
+        texts = vocabulary_text()
+        build_qformer_tokenizer(texts).save_pretrained(staging / "qformer_tokenizer")
+        lm_tokenizer = build_lm_tokenizer(texts)
+
+        start = time.perf_counter()
+        log("pretraining the image encoder (attribute classification)")
+        vision = pretrain_vision(config.vision, all_attributes(), log)
+        vision.save_pretrained(staging / "vision")
+        BlipImageProcessorPil(
+            size={"height": config.vision.image_size, "width": config.vision.image_size},
+            image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD),
+        ).save_pretrained(staging / "vision")
+        timings["vision"] = time.perf_counter() - start
+
+        for name, pretrain in (("opt", pretrain_causal_lm), ("t5", pretrain_seq2seq_lm)):
+            start = time.perf_counter()
+            log(f"pretraining the {'decoder-only' if name == 'opt' else 'encoder-decoder'} LM ({name})")
+            model = pretrain(config.language, lm_tokenizer, all_attributes(), log)
+            model.save_pretrained(staging / name)
+            lm_tokenizer.save_pretrained(staging / name)
+            timings[name] = time.perf_counter() - start
+
+        log("evaluating the saved backbones (loaded back with from_pretrained)")
+        quality = evaluate_backbones(ToyBackbones(staging), config.eval_toyworld_seed,
+                                     config.vision.probe_train_size, config.vision.probe_steps, config.vision.seed)
+        report = {
+            "config": asdict(config),
+            "quality": quality,
+            "train_seconds": {k: round(v, 1) for k, v in timings.items()},
+            "safetensors_bytes": {p: _size_bytes(staging / p) for p in ("vision", "opt", "t5")},
+            "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                            "threads": torch.get_num_threads(), "machine": platform.machine(),
+                            "cpus": os.cpu_count()},
+        }
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.chmod(0o755)  # mkdtemp makes it private; a built set is meant to be shared
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ToyBackbones(out)
+
+
+def summary_lines(report: dict) -> list[str]:
+    """Human-readable quality lines of a backbone report (the build's or a fresh evaluation)."""
+    quality = report.get("quality", report)
+    lines = []
+    for split, accuracy in quality["vision"]["probe"].items():
+        lines.append(f"image encoder, linear probe on {split:5s}: mean {accuracy['mean']:.3f}  "
+                     + "  ".join(f"{n} {accuracy[n]:.3f}" for n in ATTRIBUTES))
+    for name in ("opt", "t5"):
+        lines.append(f"{name:3s} LM: " + "  ".join(f"{k} {quality[name][k]:.3f}" for k in LM_HEADLINE))
+    return lines

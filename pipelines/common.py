@@ -1,0 +1,56 @@
+"""What every job entrypoint shares: ``--config <yaml> [key=value ...]`` parsing into a typed config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from blip2.config import ConfigError, load_config, to_dict
+
+T = TypeVar("T")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def job_parser(prog: str, description: str, default_config: str | None = None) -> argparse.ArgumentParser:
+    """An argument parser with the options every job takes."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Overrides are key=value pairs with dotted keys for nested sections, e.g. vision.steps=200.\n"
+               "Use --print-config to see every key with its resolved value.",
+    )
+    default = str(CONFIG_DIR / default_config) if default_config else None
+    parser.add_argument("--config", default=default, help=f"YAML config file (default: {default or 'none'})")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser
+
+
+def parse_config(parser: argparse.ArgumentParser, config_cls: type[T], argv: Sequence[str] | None,
+                 adjust: Callable[[argparse.Namespace, list[str]], list[str]] | None = None
+                 ) -> tuple[T, argparse.Namespace]:
+    """Parse ``argv`` and load ``config_cls``; config errors exit with status 2 and a one-line reason.
+
+    ``adjust`` may turn job-specific flags into extra overrides (e.g. ``--out DIR`` -> ``out=DIR``).
+    """
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if adjust is not None:
+        overrides = adjust(args, overrides)
+    try:
+        config = load_config(config_cls, args.config, overrides)
+    except ConfigError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    if args.print_config:
+        json.dump(to_dict(config), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        parser.exit(0)
+    return config, args
+
+
+def log(message: str) -> None:
+    """Progress output of long jobs: one flushed line each, so `ray job logs` shows it as it happens."""
+    print(message, flush=True)
