@@ -159,19 +159,22 @@ def read_attributes(image: np.ndarray) -> Attributes:
     ys, xs = np.nonzero(foreground)
     cx, cy = xs.mean() / image_size, ys.mean() / image_size
     position = min(_CENTRES, key=lambda p: (cx - _CENTRES[p][0]) ** 2 + (cy - _CENTRES[p][1]) ** 2)
-    # Each shape's area at unit radius, measured by rendering, so size reads the same for every shape.
+    # Template matching: each shape, sized to the foreground's area (a few scales around it, since
+    # anti-aliasing blurs thin shapes) and centred on its centroid; the best overlap names the shape.
     best = None
     for shape in SHAPES:
         unit_r = image_size * 0.2
         unit = _draw_mask(shape, image_size / 2, image_size / 2, unit_r, image_size)
-        r = unit_r * math.sqrt(foreground.sum() / unit.sum())
-        # Shift the template so that its centroid (not its drawing centre) lands on the foreground's.
         uy, ux = np.nonzero(unit > 0.5)
-        dx, dy = (ux.mean() + 0.5 - image_size / 2) * r / unit_r, (uy.mean() + 0.5 - image_size / 2) * r / unit_r
-        template = _draw_mask(shape, xs.mean() + 0.5 - dx, ys.mean() + 0.5 - dy, r, image_size) > 0.5
-        iou = (template & foreground).sum() / max((template | foreground).sum(), 1)
-        if best is None or iou > best[0]:
-            best = (iou, shape, r / image_size)
+        for scale in (0.9, 1.0, 1.1):
+            r = unit_r * math.sqrt(foreground.sum() / unit.sum()) * scale
+            # Shift the template so that its centroid (not its drawing centre) lands on the foreground's.
+            dx = (ux.mean() + 0.5 - image_size / 2) * r / unit_r
+            dy = (uy.mean() + 0.5 - image_size / 2) * r / unit_r
+            template = _draw_mask(shape, xs.mean() + 0.5 - dx, ys.mean() + 0.5 - dy, r, image_size) > 0.5
+            iou = (template & foreground).sum() / max((template | foreground).sum(), 1)
+            if best is None or iou > best[0]:
+                best = (iou, shape, r / scale / image_size)
     _, shape, radius = best
     size = "small" if radius < (_RADII["small"] + _RADII["large"]) / 2 else "large"
     return Attributes(shape, colour, size, position)

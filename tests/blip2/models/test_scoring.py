@@ -1,0 +1,30 @@
+import torch
+
+from blip2.models.scoring import itc_similarity, itm_probability, multimodal_embeddings, retrieve
+from tests.blip2.models.test_stage1 import backbones, one_thread, tiny_model, tokenizer, toy_batch  # noqa: F401
+
+
+def test_scores_and_retrieval(backbones, tokenizer):  # noqa: F811
+    model = tiny_model(backbones).eval()
+    pixels, input_ids, attention_mask, _ = toy_batch(tokenizer, n=6)
+    image_embeds = model.encode_images(pixels)
+    similarity = itc_similarity(model, image_embeds, input_ids, attention_mask)
+    assert similarity.shape == (6, 6) and similarity.abs().max() <= 1 + 1e-5  # cosine similarities
+
+    probability = itm_probability(model, image_embeds, input_ids, attention_mask, batch_size=4)
+    logits = model.itm_logits(image_embeds, input_ids, attention_mask)
+    torch.testing.assert_close(probability, logits.softmax(-1)[:, 1])
+    assert multimodal_embeddings(model, image_embeds, input_ids, attention_mask).shape == (6, 4, 64)
+
+    # k=1: the ITC ranking untouched
+    plain = retrieve(model, image_embeds, input_ids, attention_mask, k=1)
+    assert torch.equal(plain.image_to_text, similarity.argsort(dim=1, descending=True))
+    assert torch.equal(plain.text_to_image, similarity.t().argsort(dim=1, descending=True))
+    # k=all: image 0's best text is the one with the highest ITM logit + ITC similarity
+    full = retrieve(model, image_embeds, input_ids, attention_mask, k=6)
+    for ranking in (full.image_to_text, full.text_to_image):
+        assert all(sorted(row.tolist()) == list(range(6)) for row in ranking)  # permutations
+    with torch.no_grad():
+        pair_logits = model.itm_logits(image_embeds[0].expand(6, -1, -1), input_ids, attention_mask)
+    combined = pair_logits[:, 1] - pair_logits[:, 0] + similarity[0]
+    assert full.image_to_text[0, 0] == combined.argmax()
