@@ -226,7 +226,7 @@ def _upcast_inputs(module: nn.Module, args: tuple) -> tuple:
 
 
 def cast_backbones(model: nn.Module, dtype: torch.dtype) -> None:
-    """Frozen backbones to ``dtype`` (fp16/bf16 on GPU; keep fp32 on CPU, where half precision is ~100x
+    """Frozen backbones (image encoder, and LLM if there is one) to ``dtype`` (fp16/bf16 on GPU; keep fp32 on CPU, where half precision is ~100x
     slower). The trainable parts (``query_tokens``, ``qformer``, ``language_projection``) stay fp32, as
     transformers' ``_keep_in_fp32_modules`` keeps the Q-Former, and so does the image encoder's output
     layernorm, which also gets its input upcast, so the Q-Former cross-attends to fp32 features (the
@@ -234,9 +234,11 @@ def cast_backbones(model: nn.Module, dtype: torch.dtype) -> None:
     a frozen ViT's outputs loses precision the Q-Former would learn from)."""
     model = unwrap(model)
     model.vision_model.to(dtype)
-    model.language_model.to(dtype)
-    for part in (model.qformer, model.language_projection):
-        part.float()
+    if hasattr(model, "language_model"):  # stage 1 has none
+        model.language_model.to(dtype)
+    for part in (model.qformer, getattr(model, "language_projection", None)):
+        if part is not None:
+            part.float()
     model.query_tokens.data = model.query_tokens.data.float()
     layernorm = model.vision_model.post_layernorm
     layernorm.float()

@@ -156,3 +156,19 @@ def test_stage2_starts_from_the_stage1_qformer(backbones, tokenizer):
         expected = stage1.qformer_pass(stage1.encode_images(pixels), None, None, "itc").query_output
         got = stage2.get_image_features(pixels).qformer_outputs.last_hidden_state
     torch.testing.assert_close(got, expected)
+
+
+def test_half_precision_image_encoder_feeds_the_qformer_fp32(backbones, tokenizer):
+    """The GPU recipe, checked on CPU with bf16: frozen encoder in half precision, its output norm and
+    everything trainable in fp32."""
+    from blip2.models.stage2 import cast_backbones
+
+    model = tiny_model(backbones)
+    cast_backbones(model, torch.bfloat16)
+    assert model.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16
+    assert model.vision_model.post_layernorm.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    pixels, input_ids, attention_mask, ids = toy_batch(tokenizer, n=4)
+    assert model.encode_images(pixels.bfloat16()).dtype == torch.float32
+    out = Stage1Objective()(model, pixels.bfloat16(), input_ids, attention_mask, ids)
+    assert torch.isfinite(out.loss)
