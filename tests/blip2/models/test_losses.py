@@ -27,13 +27,6 @@ from blip2.models.losses import (
 Q, D = 3, 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors on a small shared machine: extra intra-op threads only add contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def random_features(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

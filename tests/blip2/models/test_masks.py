@@ -48,14 +48,6 @@ class TinyQFormer:
         ).last_hidden_state
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are tiny: on a small shared machine, intra-op threads cost far more in contention than
-    # they save (about 5x slower with the default thread count).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module", params=IMPLEMENTATIONS)

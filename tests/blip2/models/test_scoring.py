@@ -1,10 +1,10 @@
 import torch
 
 from blip2.models.scoring import itc_similarity, itm_probability, multimodal_embeddings, retrieve
-from tests.blip2.models.test_stage1 import backbones, one_thread, tiny_model, tokenizer, toy_batch  # noqa: F401
+from tests.blip2.models.test_stage1 import tiny_model, toy_batch
 
 
-def test_scores_and_retrieval(backbones, tokenizer):  # noqa: F811
+def test_scores_and_retrieval(backbones, tokenizer):
     model = tiny_model(backbones).eval()
     pixels, input_ids, attention_mask, _ = toy_batch(tokenizer, n=6)
     image_embeds = model.encode_images(pixels)

@@ -5,7 +5,6 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel, Blip2ForImageTextRetrieval
 
-from blip2.backbones.build import find_backbones
 from blip2.backbones.vision import pixel_values
 from blip2.models.export import STAGE1_EXTRAS, export_stage1, import_stage1
 from blip2.models.stage1 import Stage1Objective, build_stage1_model, init_qformer_from_bert
@@ -13,22 +12,6 @@ from blip2.toyworld.corpus import ToyWorldConfig, generate_split
 from blip2.toyworld.world import all_attributes, decode_image
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine: one thread is faster
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def backbones():
-    return find_backbones()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(backbones):
-    return AutoTokenizer.from_pretrained(backbones.qformer_tokenizer)
 
 
 def tiny_model(backbones, **kwargs):
