@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from blip2.config import load_config
-from pipelines import backbones, cli, demo, toyworld
+from pipelines import backbones, cli, demo, toyworld, train
 from pipelines.common import CONFIG_DIR
 
 
@@ -41,11 +41,13 @@ def test_unknown_subcommand_fails_with_usage(capsys):
     (toyworld, toyworld.ToyWorldJobConfig, "toyworld.yaml"),
     (backbones, backbones.BackbonesJobConfig, "backbones.yaml"),
     (demo, demo.DemoConfig, "demo.yaml"),
+    (train, train.Stage1Config, "stage1_toy.yaml"),
 ])
 def test_shipped_configs_load_into_their_typed_config(module, config_cls, name, capsys):
     assert isinstance(load_config(config_cls, CONFIG_DIR / name), config_cls)
+    stage = [s for s, (cls, _) in getattr(module, "STAGES", {}).items() if cls is config_cls]
     with pytest.raises(SystemExit) as exit_info:
-        module.main(["--print-config"])
+        module.main([*stage, "--print-config"])
     assert exit_info.value.code == 0
     printed = json.loads(capsys.readouterr().out)
     assert yaml.safe_load((CONFIG_DIR / name).read_text()).keys() <= printed.keys()
