@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from blip2.toyworld.corpus import ToyWorldConfig, write_toyworld
 
@@ -27,3 +28,13 @@ def ray_local():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a small shared machine: intra-op threads cost far more in contention than they
+    save (measured about 5x slower with the default thread count)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -36,13 +36,7 @@ SHORT = GenerationParams(max_new_tokens=10)
 RECALL_NAMES = {f"{d}_r{k}_{level}" for d in ("t2i", "i2t") for k in (1, 5) for level in ("strict", "attribute")}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a small shared machine: extra intra-op threads only add contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
