@@ -107,12 +107,12 @@ class Stage1Config:
 class Stage1Step(nn.Module):
     """The training step as a module, so DDP sees one ``forward`` that runs the whole objective."""
 
-    def __init__(self, model: nn.Module, objective: Stage1Objective) -> None:
+    def __init__(self, model: nn.Module, objective: Stage1Objective, generator: torch.Generator) -> None:
         super().__init__()
-        self.model, self.objective = model, objective
+        self.model, self.objective, self.generator = model, objective, generator  # generator: ITM negatives
 
     def forward(self, pixel_values, input_ids, attention_mask, ids) -> Stage1Output:
-        return self.objective(self.model, pixel_values, input_ids, attention_mask, ids)
+        return self.objective(self.model, pixel_values, input_ids, attention_mask, ids, self.generator)
 
 
 def _build_model(config: Stage1Config):
@@ -133,8 +133,10 @@ def train_loop(config_dict: dict) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     model, backbones = _build_model(config)
     tokenizer = AutoTokenizer.from_pretrained(backbones.qformer_tokenizer)
-    step_module = ray.train.torch.prepare_model(Stage1Step(model, Stage1Objective(rank, world_size)))  # Ray: DDP
     device = ray.train.torch.get_device()  # Ray
+    generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + rank)  # on the sampler's device
+    step_module = ray.train.torch.prepare_model(  # Ray: DDP around the step
+        Stage1Step(model, Stage1Objective(rank, world_size), generator))
     optimizer = build_optimizer(model, config.optim.learning_rate, config.optim.weight_decay)
     scheduler = build_scheduler(optimizer, config.optim.warmup_steps, config.optim.max_steps)
     progress, history = TrainingProgress(), []
@@ -148,7 +150,6 @@ def train_loop(config_dict: dict) -> None:
 
     started_at = progress.step  # kept in the history: shows where each (re)start picked up
     shard = ray.train.get_dataset_shard("train")  # Ray Data
-    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
     step_module.train()
     start = time.perf_counter()
     while progress.step < config.optim.max_steps:
