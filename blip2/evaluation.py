@@ -13,7 +13,7 @@ draws from fixed seeds: equal arguments give equal numbers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +36,7 @@ from blip2.metrics import (
 )
 from blip2.models.generation import GREEDY, GenerationParams, generate_answers, generate_captions
 from blip2.models.qformer import Blip2QFormerForPretraining
-from blip2.models.scoring import Retrieval
+from blip2.models.scoring import rerank_with_itm
 from blip2.toyworld.corpus import Record
 from blip2.toyworld.text import (
     CAPTION_TEMPLATES,
@@ -116,43 +116,6 @@ def score_retrieval(text_to_image: Tensor, image_to_text: Tensor, captions: Sequ
                 recall = recall_at_k(ranking, relevance[f"{direction}_{level}"], (k,))[f"recall@{k}"]
                 metrics[f"{direction}_r{k}_{level}"] = recall
     return metrics
-
-
-@torch.no_grad()
-def rerank_with_itm(model: Blip2QFormerForPretraining, image_embeds: Tensor, input_ids: Tensor,
-                    attention_mask: Tensor, similarity: Tensor, k: int = 16, batch_size: int = 64) -> Retrieval:
-    """Rank by ITC ``similarity`` (N_i, N_t), then re-rank each query's top ``k`` by ITM logit + ITC.
-
-    The scores and order of :func:`blip2.models.scoring.retrieve`, but the ITM passes run ``batch_size``
-    (query, candidate) pairs at a time across queries rather than one query at a time.
-    image_embeds (N_i, P, D_vision); input_ids / attention_mask (N_t, T).
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-
-    def itm_logit(images: Tensor, texts: Tensor) -> Tensor:
-        logits = model.itm_logits(image_embeds[images], input_ids[texts], attention_mask[texts])  # (b, 2)
-        return (logits[:, 1] - logits[:, 0]).float()
-
-    return Retrieval(
-        text_to_image=_rerank(similarity.t(), k, lambda texts, images: itm_logit(images, texts), batch_size),
-        image_to_text=_rerank(similarity, k, itm_logit, batch_size),
-    )
-
-
-def _rerank(similarity: Tensor, k: int, pair_logit: Callable[[Tensor, Tensor], Tensor], batch_size: int) -> Tensor:
-    """similarity (R, C) -> ranking (R, C): each row's top k re-ordered by ``pair_logit(rows, columns)``
-    + similarity, then the rest in ITC order."""
-    order = similarity.argsort(dim=1, descending=True)  # (R, C)
-    k = min(k, similarity.shape[1])
-    top = order[:, :k]  # (R, k)
-    rows = torch.arange(similarity.shape[0], device=similarity.device).repeat_interleave(k)  # (R*k,)
-    columns = top.reshape(-1)  # (R*k,)
-    logits = torch.cat([pair_logit(rows[s : s + batch_size], columns[s : s + batch_size])
-                        for s in range(0, len(rows), batch_size)])
-    rescored = logits.view(-1, k) + similarity.gather(1, top)  # (R, k)
-    order[:, :k] = top.gather(1, rescored.argsort(dim=1, descending=True))
-    return order
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ caller that scores one image against many texts encodes it once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,31 +49,45 @@ class Retrieval:
 
 @torch.no_grad()
 def retrieve(model: Blip2QFormerForPretraining, image_embeds: torch.Tensor, input_ids: torch.Tensor,
-             attention_mask: torch.Tensor, k: int = 16) -> Retrieval:
+             attention_mask: torch.Tensor, k: int = 16, batch_size: int = 64) -> Retrieval:
     """Rank by ITC, then re-rank each query's top ``k`` by ITM logit + ITC similarity (BLIP-2's recipe:
     the cheap bi-encoder shortlists, the expensive cross-encoder decides)."""
     similarity = itc_similarity(model, image_embeds, input_ids, attention_mask)  # (B_i, B_t)
+    return rerank_with_itm(model, image_embeds, input_ids, attention_mask, similarity, k, batch_size)
+
+
+@torch.no_grad()
+def rerank_with_itm(model: Blip2QFormerForPretraining, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor, similarity: torch.Tensor, k: int = 16,
+                    batch_size: int = 64) -> Retrieval:
+    """Rank by the ITC ``similarity`` (B_i, B_t), then re-rank each query's top ``k`` by ITM logit + ITC.
+
+    The ITM passes run ``batch_size`` (query, candidate) pairs at a time across all queries.
+    image_embeds (B_i, P, D_vision); input_ids / attention_mask (B_t, T)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+
+    def itm_logit(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        logits = model.itm_logits(image_embeds[images], input_ids[texts], attention_mask[texts])  # (b, 2)
+        return (logits[:, 1] - logits[:, 0]).float()
+
     return Retrieval(
-        text_to_image=_rerank(similarity.t(), k, lambda t, images: _itm_logit(
-            model, image_embeds[images], input_ids[t].expand(len(images), -1),
-            attention_mask[t].expand(len(images), -1))),
-        image_to_text=_rerank(similarity, k, lambda i, texts: _itm_logit(
-            model, image_embeds[i].expand(len(texts), -1, -1), input_ids[texts], attention_mask[texts])),
+        text_to_image=_rerank(similarity.t(), k, lambda texts, images: itm_logit(images, texts), batch_size),
+        image_to_text=_rerank(similarity, k, itm_logit, batch_size),
     )
 
 
-def _itm_logit(model: Blip2QFormerForPretraining, image_embeds: torch.Tensor, input_ids: torch.Tensor,
-               attention_mask: torch.Tensor) -> torch.Tensor:
-    logits = model.itm_logits(image_embeds, input_ids, attention_mask)  # (k, 2)
-    return logits[:, 1] - logits[:, 0]
-
-
-def _rerank(similarity: torch.Tensor, k: int, score) -> torch.Tensor:
-    """similarity (R, C) -> ranking (R, C): top-k columns of each row re-ordered by ``score``, then the rest."""
-    order = similarity.argsort(dim=1, descending=True)
+def _rerank(similarity: torch.Tensor, k: int, pair_logit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+            batch_size: int) -> torch.Tensor:
+    """similarity (R, C) -> ranking (R, C): each row's top k re-ordered by ``pair_logit(rows, columns)``
+    + similarity, then the rest in ITC order."""
+    order = similarity.argsort(dim=1, descending=True)  # (R, C)
     k = min(k, similarity.shape[1])
-    for row in range(similarity.shape[0]):
-        top = order[row, :k]
-        rescored = score(row, top) + similarity[row, top]
-        order[row, :k] = top[rescored.argsort(descending=True)]
+    top = order[:, :k]  # (R, k)
+    rows = torch.arange(similarity.shape[0], device=similarity.device).repeat_interleave(k)  # (R*k,)
+    columns = top.reshape(-1)  # (R*k,)
+    logits = torch.cat([pair_logit(rows[s : s + batch_size], columns[s : s + batch_size])
+                        for s in range(0, len(rows), batch_size)])
+    rescored = logits.view(-1, k) + similarity.gather(1, top)  # (R, k)
+    order[:, :k] = top.gather(1, rescored.argsort(dim=1, descending=True))
     return order

@@ -18,7 +18,6 @@ from blip2.evaluation import (
     evaluate_captions,
     evaluate_instructions,
     evaluate_retrieval,
-    rerank_with_itm,
     retrieval_relevance,
     score_answers,
     score_captions,
@@ -26,7 +25,7 @@ from blip2.evaluation import (
 )
 from blip2.models.generation import GenerationParams
 from blip2.models.presets import load_preset
-from blip2.models.scoring import retrieve
+from blip2.models.scoring import rerank_with_itm, retrieve
 from blip2.models.stage1 import build_stage1_model
 from blip2.toyworld.corpus import ToyWorldConfig, generate_split
 from blip2.toyworld.text import INSTRUCTION_TASKS, InstructionExample, caption, parse_attributes
