@@ -46,6 +46,7 @@ from blip2.backbones.vision import (
     IMAGE_MEAN,
     IMAGE_STD,
     VisionPretrainConfig,
+    attribute_labels,
     linear_probe,
     pretrain_vision,
     sample_images,
@@ -110,9 +111,7 @@ def find_backbones(path: str | Path | None = None) -> ToyBackbones:
 def _split_images(config: ToyWorldConfig, split: str) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
     records = generate_split(config, split)
     images = np.stack([decode_image(r.image) for r in records])
-    labels = {name: torch.tensor([values.index(getattr(r.attributes, name)) for r in records])
-              for name, values in ATTRIBUTES.items()}
-    return images, labels
+    return images, attribute_labels([r.attributes for r in records])
 
 
 def evaluate_backbones(backbones: ToyBackbones, toyworld_seed: int = 0, probe_train_size: int = 3000,

@@ -73,14 +73,18 @@ def pixel_values(images: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
+def attribute_labels(attributes: list[Attributes]) -> dict[str, torch.Tensor]:
+    """The class index of each attribute of each image: ``{name: (N,) int64}``."""
+    return {name: torch.tensor([values.index(getattr(a, name)) for a in attributes])
+            for name, values in ATTRIBUTES.items()}
+
+
 def sample_images(attributes: list[Attributes], n: int, rng: np.random.Generator, image_size: int,
                   jpeg_quality: int) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
     """n random images from ``attributes``: uint8 (n, H, W, 3) and the class index of each attribute."""
     chosen = [attributes[i] for i in rng.integers(len(attributes), size=n)]
     images = np.stack([decode_image(encode_jpeg(render(a, rng, image_size), jpeg_quality)) for a in chosen])
-    labels = {name: torch.tensor([values.index(getattr(a, name)) for a in chosen])
-              for name, values in ATTRIBUTES.items()}
-    return images, labels
+    return images, attribute_labels(chosen)
 
 
 class AttributeHeads(nn.Module):
