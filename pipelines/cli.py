@@ -13,7 +13,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pipelines.demo", "run the embedded default end to end on a local Ray instance"),
     "toyworld": ("pipelines.toyworld", "write the toy-world corpus (WebDataset + Parquet shards)"),
     "backbones": ("pipelines.backbones", "pretrain / evaluate the toy world's frozen backbones"),
-    "train": ("pipelines.train", "train on Ray Train: stage1 (more stages to come)"),
+    "train": ("pipelines.train", "train on Ray Train: stage1, stage2 or instruct"),
 }
 
 

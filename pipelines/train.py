@@ -1,181 +1,132 @@
-"""``blip2 train stage1``: Q-Former representation learning (ITC + ITM + ITG) on Ray Train.
+"""``blip2 train stage1|stage2|instruct``: the three BLIP-2 / InstructBLIP training stages on Ray Train.
 
-    python -m pipelines.train stage1 [--config pipelines/configs/stage1_toy.yaml] [key=value ...]
+    python -m pipelines.train stage1   [--config pipelines/configs/stage1_toy.yaml]   [key=value ...]
+    python -m pipelines.train stage2   [--config pipelines/configs/stage2_toy.yaml]   [key=value ...]
+    python -m pipelines.train instruct [--config pipelines/configs/instruct_toy.yaml] [key=value ...]
 
-Each worker holds its own frozen image encoder; DDP wraps the training step, whose only trainable
-parameters are the Q-Former's. Input comes from Ray Data (``get_dataset_shard``). A checkpoint
-(trainable weights, optimiser, scheduler, step, data position) is reported every ``checkpoint_every``
-steps; running the same job again with the same ``name`` and ``storage_path`` resumes from the latest
-one, and a worker that dies is replaced and training continues from it (``max_failures``). At the end
-the driver evaluates the final checkpoint on held-out data and writes ``<storage_path>/<name>/``:
-``report.json``, ``curve.png`` and ``model/`` (a ``Blip2ForImageTextRetrieval`` export).
+stage1 trains the Q-Former with ITC + ITM + ITG against the frozen image encoder; stage2 starts from a
+stage-1 output and trains into a frozen LLM (decoder-only OPT or encoder-decoder T5); instruct starts
+from a stage-2 output and tunes on a mixture of instruction tasks (the instruction enters the Q-Former).
+
+Each Ray Train worker loads its own frozen backbones once; DDP wraps only what trains. Input comes from
+Ray Data (``get_dataset_shard``): the toy world's WebDataset shards, Parquet, or CapFilt's output
+(``train_data=``). A checkpoint (trainable weights, optimiser, scheduler, step, data position) is
+reported every ``checkpoint_every`` steps; running the same job again with the same ``name`` and
+``storage_path`` resumes from the latest one, and a worker that dies is replaced and training continues
+from it (``max_failures``). At the end the driver evaluates the final checkpoint on held-out toy-world
+data and writes ``<storage_path>/<name>/``: ``report.json``, ``curve.png`` and ``model/`` (transformers
+layout: ``Blip2ForImageTextRetrieval``, ``Blip2ForConditionalGeneration`` or
+``InstructBlipForConditionalGeneration``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
 import torch
 from ray.train.torch import TorchTrainer
-from torch import nn
-from transformers import AutoTokenizer
 
-from blip2.backbones.build import find_backbones
-from blip2.config import from_dict, to_dict
-from blip2.evaluation import evaluate_retrieval
-from blip2.models.export import export_stage1, load_trainable
-from blip2.models.stage1 import Stage1Objective, Stage1Output, build_stage1_model
+from blip2.config import ConfigError, from_dict, to_dict
+from blip2.models.export import load_trainable
 from blip2.reporting import plot_curves
-from blip2.training.data import stage1_batch
+from blip2.toyworld.corpus import generate_split
+from blip2.training.config import TrainConfig
+from blip2.training.features import FrozenImageEncoder
 from blip2.training.optim import build_optimizer, build_scheduler
 from blip2.training.state import TRAINABLE, TrainingProgress, load_training_state, save_training_state
-from blip2.toyworld.corpus import ToyWorldConfig, generate_split
+from blip2.training.tasks import MODEL_DIR, TASKS, TrainingTask
 from pipelines.common import job_parser, log, parse_config
 from pipelines.toyworld import ToyWorldJobConfig, ensure_toyworld
 
 HISTORY = "history.json"  # loss curve, kept in every checkpoint so a resumed run continues it
+DEFAULT_CONFIGS = {"stage1": "stage1_toy.yaml", "stage2": "stage2_toy.yaml", "instruct": "instruct_toy.yaml"}
+FEATURE_CACHE = "feature_cache"
 
 
-@dataclass(frozen=True)
-class Stage1ModelConfig:
-    num_query_tokens: int = 8
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 512
-    image_text_hidden_size: int = 256
-    max_text_length: int = 32
-    bert_path: str = ""  # initialise the Q-Former from this BERT checkpoint (empty: random)
+def _threads(config: TrainConfig, cpus: float) -> int:
+    return config.scaling.torch_threads or max(1, int(cpus))
 
 
-@dataclass(frozen=True)
-class OptimConfig:
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 50
-    max_steps: int = 600
-    batch_size: int = 64  # per worker
-    grad_clip: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.max_steps < 1 or self.batch_size < 2:
-            raise ValueError("max_steps must be >= 1 and batch_size >= 2 (ITC needs negatives)")
-        if not 0 <= self.warmup_steps <= self.max_steps:
-            raise ValueError("warmup_steps must be in [0, max_steps]")
-
-
-@dataclass(frozen=True)
-class ScalingSettings:
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0  # fractions leave CPUs for Ray Data's read tasks (see ENVIRONMENT.md)
-
-
-@dataclass(frozen=True)
-class Stage1Config:
-    name: str = "stage1-toy"
-    storage_path: str = "runs/train"
-    toyworld: str = "runs/toyworld"  # a toy-world root, written with the defaults below if missing
-    world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
-    train_split: str = "clean"
-    eval_split: str = "test"
-    backbones: str = ""  # empty: the toy backbones shipped in the package
-    model: Stage1ModelConfig = field(default_factory=Stage1ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    scaling: ScalingSettings = field(default_factory=ScalingSettings)
-    checkpoint_every: int = 100
-    max_failures: int = 2
-    eval_candidates: int = 100
-    log_every: int = 25
-    seed: int = 0
-
-    @property
-    def output(self) -> Path:
-        return Path(self.storage_path) / self.name
-
-
-class Stage1Step(nn.Module):
-    """The training step as a module, so DDP sees one ``forward`` that runs the whole objective."""
-
-    def __init__(self, model: nn.Module, objective: Stage1Objective, generator: torch.Generator) -> None:
-        super().__init__()
-        self.model, self.objective, self.generator = model, objective, generator  # generator: ITM negatives
-
-    def forward(self, pixel_values, input_ids, attention_mask, ids) -> Stage1Output:
-        return self.objective(self.model, pixel_values, input_ids, attention_mask, ids, self.generator)
-
-
-def _build_model(config: Stage1Config):
-    backbones = find_backbones(config.backbones or None)
-    m = config.model
-    torch.manual_seed(config.seed)  # the same initial weights on every worker
-    model = build_stage1_model(backbones.vision, backbones.qformer_tokenizer, m.num_query_tokens,
-                               m.image_text_hidden_size, m.hidden_size, m.num_layers, m.num_heads,
-                               m.intermediate_size, max_text_length=max(m.max_text_length, 64),
-                               bert_path=m.bert_path or None)
-    return model, backbones
-
-
-def train_loop(config_dict: dict) -> None:
-    """Runs on every Ray Train worker."""
-    config = from_dict(Stage1Config, config_dict)
+def train_loop(payload: dict) -> None:
+    """Runs on every Ray Train worker: ``payload`` is ``{"stage": ..., "config": <config as a dict>}``."""
+    config_cls, task_cls = TASKS[payload["stage"]]
+    config = from_dict(config_cls, payload["config"])
+    torch.set_num_threads(_threads(config, config.scaling.cpus_per_worker))
     context = ray.train.get_context()  # Ray
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    model, backbones = _build_model(config)
-    tokenizer = AutoTokenizer.from_pretrained(backbones.qformer_tokenizer)
     device = ray.train.torch.get_device()  # Ray
-    generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + rank)  # on the sampler's device
-    step_module = ray.train.torch.prepare_model(  # Ray: DDP around the step
-        Stage1Step(model, Stage1Objective(rank, world_size), generator))
-    optimizer = build_optimizer(model, config.optim.learning_rate, config.optim.weight_decay)
+    task: TrainingTask = task_cls(config)
+    model = task.prepare(task.build_model(), device, config.scaling.mixed_precision)
+    step_module = ray.train.torch.prepare_model(task.step_module(model, rank, world_size, device))  # Ray: DDP
+    trainable = task.trainable_module(model)
+    optimizer = build_optimizer(trainable, config.optim.learning_rate, config.optim.weight_decay)
     scheduler = build_scheduler(optimizer, config.optim.warmup_steps, config.optim.max_steps)
     progress, history = TrainingProgress(), []
     checkpoint = ray.train.get_checkpoint()  # Ray: resume after a restart or a re-run
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            progress = load_training_state(directory, model, optimizer, scheduler)
+            progress = load_training_state(directory, trainable, optimizer, scheduler)
             history = json.loads((Path(directory) / HISTORY).read_text())
         if rank == 0:
             log(f"resuming from step {progress.step} (epoch {progress.epoch}, batch {progress.batch_in_epoch})")
 
     started_at = progress.step  # kept in the history: shows where each (re)start picked up
     shard = ray.train.get_dataset_shard("train")  # Ray Data
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                              enabled=device.type == "cuda" and config.scaling.mixed_precision)
+    accumulate = config.optim.grad_accum_steps
+    parameters = [p for p in trainable.parameters() if p.requires_grad]
+    samples_per_step = config.optim.batch_size * accumulate * world_size
     step_module.train()
     start = time.perf_counter()
+    micro, totals = 0, {}
     while progress.step < config.optim.max_steps:
         batches = shard.iter_batches(batch_size=config.optim.batch_size, batch_format="numpy", drop_last=True)
         for index, batch in enumerate(batches):
             if index < progress.batch_in_epoch:  # the resumed epoch: skip what was already trained on
                 continue
-            inputs = stage1_batch(batch["jpg"], batch["txt"], tokenizer, config.model.max_text_length)
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            out = step_module(**inputs)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.optim.grad_clip)
+            rng = np.random.default_rng([config.seed, rank, progress.epoch, index])  # caption / task draws
+            inputs = {k: v.to(device) for k, v in task.make_batch(batch, rng).items()}
+            last = micro + 1 == accumulate
+            sync = contextlib.nullcontext() if last or not hasattr(step_module, "no_sync") else step_module.no_sync()
+            with sync:
+                with autocast:
+                    losses = step_module(**inputs)
+                (losses["loss"] / accumulate).backward()
+            for name, value in losses.items():
+                totals[name] = totals.get(name, 0.0) + value.item() / accumulate
+            micro += 1
+            progress.batch_in_epoch = index + 1
+            if not last:
+                continue
+            if config.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(parameters, config.optim.grad_clip)
             optimizer.step()
             scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
             progress.step += 1
-            progress.batch_in_epoch = index + 1
-            losses = {"loss": out.loss.item(), "itc_loss": out.itc_loss.item(), "itm_loss": out.itm_loss.item(),
-                      "lm_loss": out.lm_loss.item()}
-            history.append({"step": progress.step, "started_at": started_at, **losses})
+            elapsed = time.perf_counter() - start
+            history.append({"step": progress.step, "started_at": started_at, "time": round(elapsed, 3), **totals})
             if rank == 0 and (progress.step % config.log_every == 0 or progress.step == 1):
-                log(f"step {progress.step}/{config.optim.max_steps} " + " ".join(f"{k} {v:.3f}" for k, v in losses.items())
-                    + f" lr {scheduler.get_last_lr()[0]:.2e} ({time.perf_counter() - start:.0f}s)")
+                log(f"[{task.stage}] step {progress.step}/{config.optim.max_steps} "
+                    + " ".join(f"{k} {v:.3f}" for k, v in totals.items())
+                    + f" lr {scheduler.get_last_lr()[0]:.2e} ({elapsed:.0f}s, "
+                    + f"{samples_per_step * (progress.step - started_at) / max(elapsed, 1e-9):.0f} samples/s)")
             done = progress.step >= config.optim.max_steps
             if progress.step % config.checkpoint_every == 0 or done:
-                _report(rank, model, optimizer, scheduler, progress, history, losses)
+                _report(rank, trainable, optimizer, scheduler, progress, history, totals)
+            micro, totals = 0, {}
             if done:
                 return
         progress.epoch += 1
@@ -193,66 +144,137 @@ def _report(rank, model, optimizer, scheduler, progress, history, metrics) -> No
         ray.train.report({**metrics, "step": progress.step}, checkpoint=checkpoint)  # Ray
 
 
-def fit(config: Stage1Config) -> Path:
-    """Train on Ray Train, then evaluate and export on the driver. Returns the output directory."""
-    ensure_toyworld(ToyWorldJobConfig(out=config.toyworld, world=config.world))
-    train = ray.data.read_webdataset(str(Path(config.toyworld) / "webdataset" / config.train_split))  # Ray Data
+# ---------------------------------------------------------------------------------------------------
+# Input
+
+
+def training_data(config: TrainConfig) -> ray.data.Dataset:
+    """The training records as a Ray Data dataset (lazy; streamed into the workers)."""
+    if config.train_data:
+        source = Path(config.train_data)
+        if not source.exists():
+            raise FileNotFoundError(f"train_data {source} does not exist")
+    else:
+        ensure_toyworld(ToyWorldJobConfig(out=config.toyworld, world=config.world))
+        source = Path(config.toyworld) / "webdataset" / config.train_split
+    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+    tars = [str(p) for p in files if p.suffix == ".tar"]
+    parquets = [str(p) for p in files if p.suffix == ".parquet"]
+    if tars and not parquets:
+        return ray.data.read_webdataset(tars)  # Ray Data
+    if parquets and not tars:
+        return ray.data.read_parquet(parquets)  # Ray Data: toy-world Parquet or CapFilt's kept output
+    raise ValueError(f"{source}: expected WebDataset .tar shards or .parquet files (not both), "
+                     f"found {len(tars)} tar and {len(parquets)} parquet")
+
+
+def feature_cache(config: TrainConfig, task: TrainingTask, data: ray.data.Dataset) -> ray.data.Dataset:
+    """The frozen image encoder's outputs of every training record, computed once by a Ray Data stage
+    into ``<output>/feature_cache/`` (reused while the data source and the encoder are the same)."""
+    cache = config.output / FEATURE_CACHE
+    marker = cache / "_COMPLETE.json"
+    key = {"train_data": config.train_data or f"{config.toyworld}:{config.train_split}",
+           "world": to_dict(config.world), "vision": str(task.backbones.vision)}
+    if marker.is_file() and json.loads(marker.read_text()) == key:
+        log(f"feature cache: reusing {cache}")
+        return ray.data.read_parquet(str(cache / "data"))
+    start = time.perf_counter()
     scaling = config.scaling
+    encoded = data.map_batches(  # Ray Data: the encoder loads once per actor
+        FrozenImageEncoder, fn_constructor_kwargs={"vision_path": str(task.backbones.vision),
+                                                   "device": "cuda" if scaling.use_gpu else "cpu",
+                                                   "threads": _threads(config, scaling.cpus_per_worker)},
+        batch_size=config.optim.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=scaling.num_workers),
+        num_cpus=scaling.cpus_per_worker, num_gpus=scaling.gpus_per_worker if scaling.use_gpu else 0)
+    encoded.write_parquet(str(cache / "data"))
+    marker.write_text(json.dumps(key))
+    log(f"feature cache: wrote {cache} in {time.perf_counter() - start:.1f}s")
+    return ray.data.read_parquet(str(cache / "data"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The job
+
+
+def fit(stage: str, config: TrainConfig, task: TrainingTask | None = None) -> Path:
+    """Train on Ray Train, then evaluate and export on the driver. Returns the output directory."""
+    task = task or TASKS[stage][1](config)
+    data = training_data(config)
+    if config.feature_cache:
+        data = feature_cache(config, task, data)
+    scaling = config.scaling
+    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
     trainer = TorchTrainer(  # Ray Train
         train_loop,
-        train_loop_config=to_dict(config),
+        train_loop_config={"stage": stage, "config": to_dict(config)},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                               resources_per_worker={"CPU": scaling.cpus_per_worker}),
+                                               resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=config.name, storage_path=str(Path(config.storage_path).resolve()),
                                        failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        datasets={"train": train},
+                                       checkpoint_config=ray.train.CheckpointConfig(
+                                           num_to_keep=config.checkpoints_to_keep)),
+        datasets={"train": data},
     )
+    log(f"[{stage}] training {config.name}: {scaling.num_workers} worker(s), {config.optim.max_steps} steps of "
+        f"{config.optim.batch_size * config.optim.grad_accum_steps * scaling.num_workers} samples")
     result = trainer.fit()
-    return finish(config, result.checkpoint)
+    return finish(stage, config, result.checkpoint, task)
 
 
-def finish(config: Stage1Config, checkpoint) -> Path:
+def finish(stage: str, config: TrainConfig, checkpoint, task: TrainingTask | None = None) -> Path:
     """Load the final checkpoint, evaluate it on held-out data, write the report, curve and export."""
-
+    task = task or TASKS[stage][1](config)
     output = config.output
     output.mkdir(parents=True, exist_ok=True)
-    model, backbones = _build_model(config)
+    model = task.build_model()
     with checkpoint.as_directory() as directory:
-        load_trainable(model, Path(directory) / TRAINABLE)
+        load_trainable(task.trainable_module(model), Path(directory) / TRAINABLE)
         history = json.loads((Path(directory) / HISTORY).read_text())
     model.eval()
-
-    tokenizer = AutoTokenizer.from_pretrained(backbones.qformer_tokenizer)
-    held_out = generate_split(config.world, config.eval_split)
-    metrics = evaluate_retrieval(model, tokenizer, held_out, num_candidates=config.eval_candidates,
-                                 max_text_length=config.model.max_text_length)
-    export_stage1(model, output / "model")
-    plot_curves(history, ["itc_loss", "itm_loss", "lm_loss"], output / "curve.png", title=config.name)
-    report = {"stage": "stage1", "steps": history[-1]["step"], "final_losses": history[-1],
-              "started_at": sorted({h["started_at"] for h in history}),
-              "eval": {"split": config.eval_split, **metrics}, "config": to_dict(config)}
+    log(f"[{stage}] evaluating on the held-out {config.eval_split!r} split")
+    start = time.perf_counter()
+    metrics = task.evaluate(model, generate_split(config.world, config.eval_split))
+    eval_seconds = time.perf_counter() - start
+    task.export(model, output / MODEL_DIR)
+    plot_curves(history, list(task.loss_names), output / "curve.png", title=config.name)
+    this_run = [h for h in history if h["started_at"] == history[-1]["started_at"]]
+    steps_timed = this_run[-1]["step"] - this_run[0]["step"]
+    seconds = this_run[-1]["time"] - this_run[0]["time"]
+    global_batch = config.optim.batch_size * config.optim.grad_accum_steps * config.scaling.num_workers
+    report = {
+        "stage": stage, "name": config.name, "steps": history[-1]["step"],
+        "final_losses": history[-1], "started_at": sorted({h["started_at"] for h in history}),
+        "samples_per_s": round(global_batch * steps_timed / seconds, 2) if seconds > 0 else None,
+        "headline": task.headline(metrics), "eval": {"split": config.eval_split, **metrics},
+        "eval_seconds": round(eval_seconds, 1), "config": to_dict(config),
+    }
     (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    log(f"stage 1 done: {json.dumps(report['eval'])}")
-    log(f"wrote {output / 'report.json'}, {output / 'curve.png'}, {output / 'model'}")
+    log(f"[{stage}] done: {json.dumps(report['headline'])}")
+    log(f"[{stage}] wrote {output / 'report.json'}, {output / 'curve.png'}, {output / MODEL_DIR}")
     return output
-
-
-STAGES = {"stage1": (Stage1Config, "stage1_toy.yaml")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chooser = argparse.ArgumentParser(prog="blip2 train", description=__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    chooser.add_argument("stage", choices=STAGES)
+    chooser.add_argument("stage", choices=TASKS)
     if not argv or argv[0] in ("-h", "--help"):
         chooser.print_help()
         chooser.exit(0 if argv else 2)
     stage = chooser.parse_args(argv[:1]).stage
-    config_cls, default_yaml = STAGES[stage]
-    config, _ = parse_config(job_parser(f"blip2 train {stage}", __doc__, default_yaml), config_cls, argv[1:])
-    fit(config)
+    config_cls, task_cls = TASKS[stage]
+    parser = job_parser(f"blip2 train {stage}", config_cls.__doc__, DEFAULT_CONFIGS[stage])
+    config, _ = parse_config(parser, config_cls, argv[1:])
+    try:  # the inputs (the previous stage's output, the data) are checked before Ray starts
+        task = task_cls(config)
+        if config.feature_cache and task.stage != "stage1":
+            raise ConfigError(f"feature_cache: only stage1 trains from cached image features so far "
+                              f"({stage} feeds pixels to transformers' model)")
+    except (FileNotFoundError, ConfigError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    fit(stage, config, task)
     return 0
 
 

@@ -97,10 +97,13 @@ class Stage1Objective(nn.Module):
         self.itm = ItmLoss()
         self.itg = ItgLoss(label_smoothing)
 
-    def forward(self, model: Blip2QFormerForPretraining, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+    def forward(self, model: Blip2QFormerForPretraining, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, ids: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> Stage1Output:
-        image_embeds = model.encode_images(pixel_values)  # (B, N, D_vision), frozen
+                generator: torch.Generator | None = None, image_embeds: torch.Tensor | None = None) -> Stage1Output:
+        """Either ``pixel_values`` (B, 3, H, W) or the frozen encoder's ``image_embeds`` (B, N, D_vision),
+        precomputed by a feature cache (the encoder is frozen and deterministic, so they are the same)."""
+        if image_embeds is None:
+            image_embeds = model.encode_images(pixel_values)  # (B, N, D_vision), frozen
 
         # 1. ITC: queries and text in one pass under the uni-modal mask.
         itc_pass = model.qformer_pass(image_embeds, input_ids, attention_mask, "itc")

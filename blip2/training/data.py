@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from blip2.backbones.vision import pixel_values
@@ -38,3 +41,65 @@ def stage1_batch(images: np.ndarray | Sequence[np.ndarray], texts: Sequence[str]
                      return_tensors="pt")
     return {"pixel_values": pixel_values(np.stack(list(images))), "input_ids": text.input_ids,
             "attention_mask": text.attention_mask, "ids": match_ids(texts)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training records from any of the supported inputs, as Ray Data (or a plain reader) batches them.
+
+IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image")  # WebDataset extensions, then Parquet's column
+TEXT_COLUMNS = ("captions", "txt", "text", "caption")  # CapFilt's kept list first, then single alt-texts
+
+
+def _column(batch: Mapping[str, Any], names: Sequence[str], what: str) -> Any:
+    for name in names:
+        if name in batch:
+            return batch[name]
+    raise KeyError(f"no {what} column in the training data: expected one of {', '.join(names)}, "
+                   f"got {', '.join(batch) or 'none'}")
+
+
+def batch_images(batch: Mapping[str, Any], image_size: int) -> np.ndarray:
+    """uint8 RGB images (B, image_size, image_size, 3) from a batch whose image column holds decoded
+    arrays (Ray Data's WebDataset reader decodes) or encoded bytes (Parquet); other sizes are resized."""
+    images = []
+    for value in _column(batch, IMAGE_COLUMNS, "image"):
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            with Image.open(io.BytesIO(bytes(value))) as decoded:
+                image = decoded.convert("RGB")
+                if image.size != (image_size, image_size):
+                    image = image.resize((image_size, image_size), Image.BICUBIC)
+                array = np.asarray(image)
+        else:
+            array = np.asarray(value, dtype=np.uint8)
+            if array.shape[:2] != (image_size, image_size):
+                array = np.asarray(Image.fromarray(array).convert("RGB").resize((image_size, image_size),
+                                                                               Image.BICUBIC))
+        images.append(array)
+    return np.stack(images)
+
+
+def caption_choices(batch: Mapping[str, Any]) -> list[list[str]]:
+    """Every record's candidate captions: CapFilt's kept list, or the one alt-text."""
+    choices = []
+    for value in _column(batch, TEXT_COLUMNS, "caption"):
+        texts = [value] if isinstance(value, str) else [str(v) for v in value]
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            raise ValueError("a training record has no caption")
+        choices.append(texts)
+    return choices
+
+
+def sample_captions(choices: Sequence[Sequence[str]], rng: np.random.Generator) -> list[str]:
+    """One caption per record, uniformly among its candidates (BLIP-2 samples one of its top two)."""
+    return [texts[int(rng.integers(len(texts)))] if len(texts) > 1 else texts[0] for texts in choices]
+
+
+def task_mixture(sizes: Mapping[str, int]) -> dict[str, float]:
+    """InstructBLIP's dataset balancing: each task's sampling probability is proportional to the square
+    root of its size, so small tasks are not drowned and large ones not over-fitted. Size 0: never."""
+    roots = {task: float(np.sqrt(size)) for task, size in sizes.items() if size > 0}
+    if not roots:
+        raise ValueError("no task has any examples")
+    total = sum(roots.values())
+    return {task: root / total for task, root in roots.items()}

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from blip2.config import load_config
+from blip2.training.config import InstructConfig, Stage1Config, Stage2Config
 from pipelines import backbones, cli, demo, toyworld, train
 from pipelines.common import CONFIG_DIR
 
@@ -41,11 +42,13 @@ def test_unknown_subcommand_fails_with_usage(capsys):
     (toyworld, toyworld.ToyWorldJobConfig, "toyworld.yaml"),
     (backbones, backbones.BackbonesJobConfig, "backbones.yaml"),
     (demo, demo.DemoConfig, "demo.yaml"),
-    (train, train.Stage1Config, "stage1_toy.yaml"),
+    (train, Stage1Config, "stage1_toy.yaml"),
+    (train, Stage2Config, "stage2_toy.yaml"),
+    (train, InstructConfig, "instruct_toy.yaml"),
 ])
 def test_shipped_configs_load_into_their_typed_config(module, config_cls, name, capsys):
     assert isinstance(load_config(config_cls, CONFIG_DIR / name), config_cls)
-    stage = [s for s, (cls, _) in getattr(module, "STAGES", {}).items() if cls is config_cls]
+    stage = [s for s, (cls, _) in getattr(module, "TASKS", {}).items() if cls is config_cls]
     with pytest.raises(SystemExit) as exit_info:
         module.main([*stage, "--print-config"])
     assert exit_info.value.code == 0

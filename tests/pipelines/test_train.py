@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from blip2.training.config import Stage1Config
 from pipelines import train
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
@@ -46,10 +47,15 @@ def test_two_workers_train_with_gathers(tmp_path, ray_local):
 
 
 def _train_worker_pids() -> list[int]:
+    """Processes of this Ray instance's Ray Train workers: the raylet's descendants, so that workers of
+    other Ray instances on the same machine are never touched. (The node handle is private API; the
+    public state API needs the dashboard, which the test instance does not start.)"""
     import psutil
+    from ray._private import worker
 
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid()]
+    raylet = worker._global_node.all_processes["raylet"][0].process.pid
+    return [p.pid for p in psutil.Process(raylet).children(recursive=True)
+            if "RayTrainWorker" in " ".join(p.cmdline())]
 
 
 def _latest_registered(run_dir):
@@ -71,10 +77,10 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint
     total = 150  # long enough that the kill lands mid-run
     args = small(tmp_path, **{"optim.max_steps": total, "checkpoint_every": every, "name": "stage1-kill",
                               "max_failures": 1})
-    config, _ = train.parse_config(train.job_parser("t", ""), train.Stage1Config, args)
+    config, _ = train.parse_config(train.job_parser("t", ""), Stage1Config, args)
     run_dir = tmp_path / "runs" / "stage1-kill"
     outcome = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("output", train.fit(config)))
+    thread = threading.Thread(target=lambda: outcome.setdefault("output", train.fit("stage1", config)))
     thread.start()
     deadline = time.time() + 300
     # Kill once Ray Train has registered a checkpoint (its snapshot names it): the guarantee under test

@@ -1,0 +1,166 @@
+"""The typed configs of the three training jobs (``blip2 train stage1|stage2|instruct``).
+
+Every job shares :class:`TrainConfig` (where the data and the run live, the optimiser, how many workers,
+checkpointing) and adds its own model section. Defaults are the toy world's; ``pipelines/configs/`` holds
+the YAML files for the toy presets and for the published-size presets on GPUs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from blip2.toyworld.corpus import ToyWorldConfig
+from blip2.toyworld.text import INSTRUCTION_TASKS
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW (betas 0.9/0.98, decay on matrices only), per-step linear warmup then cosine decay."""
+
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    max_steps: int = 600  # optimiser steps
+    batch_size: int = 64  # per worker and micro-batch; global batch = batch_size * workers * grad_accum_steps
+    grad_accum_steps: int = 1
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.batch_size < 2:
+            raise ValueError("max_steps must be >= 1 and batch_size >= 2 (ITC needs negatives)")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ValueError("warmup_steps must be in [0, max_steps]")
+        if self.grad_accum_steps < 1 or self.grad_clip < 0:
+            raise ValueError("grad_accum_steps must be >= 1 and grad_clip >= 0")
+
+
+@dataclass(frozen=True)
+class ScalingSettings:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0  # fractions leave CPUs for Ray Data's read tasks (see ENVIRONMENT.md)
+    gpus_per_worker: float = 1.0  # with use_gpu
+    torch_threads: int = 0  # intra-op threads per worker; 0: as many as the worker's CPUs (at least 1)
+    mixed_precision: bool = True  # bf16 autocast and half-precision backbones on GPU; always fp32 on CPU
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1 or self.cpus_per_worker <= 0 or self.torch_threads < 0:
+            raise ValueError("num_workers must be >= 1, cpus_per_worker > 0 and torch_threads >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What every training job shares.
+
+    The training data is ``train_data`` when set — a directory (or one file) of WebDataset ``.tar``
+    shards in img2dataset's layout, Parquet shards with ``image`` bytes and ``text``, or CapFilt's
+    ``kept`` Parquet output (``captions`` lists; one kept caption is sampled per record per step) —
+    else the toy world's ``train_split`` under ``toyworld`` (written with ``world`` if missing).
+    Held-out evaluation always uses the toy world's ``eval_split``, whose ground truth it needs.
+    """
+
+    name: str = "train"
+    storage_path: str = "runs/train"
+    toyworld: str = "runs/toyworld"
+    world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+    train_split: str = "clean"
+    train_data: str = ""
+    eval_split: str = "test"
+    backbones: str = ""  # empty: the toy backbones shipped in the package
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    feature_cache: bool = False  # precompute the frozen image encoder's outputs once (Ray Data) and train on them
+    checkpoint_every: int = 100
+    checkpoints_to_keep: int = 2
+    max_failures: int = 2
+    log_every: int = 25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("checkpoint_every and log_every must be >= 1")
+
+    @property
+    def output(self) -> Path:
+        return Path(self.storage_path) / self.name
+
+
+@dataclass(frozen=True)
+class Stage1ModelConfig:
+    num_query_tokens: int = 8
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 512
+    image_text_hidden_size: int = 256
+    max_text_length: int = 32
+    bert_path: str = ""  # initialise the Q-Former from this BERT checkpoint (empty: random)
+
+
+@dataclass(frozen=True)
+class Stage1Config(TrainConfig):
+    """Stage 1: Q-Former representation learning with ITC + ITM + ITG against a frozen image encoder."""
+
+    name: str = "stage1-toy"
+    model: Stage1ModelConfig = field(default_factory=Stage1ModelConfig)
+    eval_candidates: int = 100  # text->image among this many held-out images
+    rerank_k: int = 16  # ITM re-ranks ITC's top k
+
+
+@dataclass(frozen=True)
+class Stage2Config(TrainConfig):
+    """Stage 2: generative learning from a stage-1 checkpoint into a frozen LLM (decoder-only or
+    encoder-decoder). Captions are the targets; encoder-decoder LLMs get the paper's prefix LM (a random
+    prefix of the caption joins the queries in the encoder)."""
+
+    name: str = "stage2-toy-opt"
+    stage1: str = "runs/train/stage1-toy"  # a stage-1 job's output directory (its model/), or a model/ itself
+    llm: str = "opt"  # "opt" / "t5" (the toy backbones) or a transformers LLM directory
+    prompt: str = ""  # fed before every caption (e.g. "a photo of"), not trained on
+    max_prefix_fraction: float = 0.5  # encoder-decoder prefix LM: at most this share of words go to the encoder
+    max_text_length: int = 32
+    max_target_length: int = 32
+    eval_size: int = 200  # held-out images captioned by the final model
+    eval_batch_size: int = 50
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.max_prefix_fraction < 1:
+            raise ValueError("max_prefix_fraction must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TaskSizes:
+    """How many training examples each instruction family has: families are sampled in proportion to the
+    square root of their size (InstructBLIP's mixture). A family of size 0 is never trained on."""
+
+    colour: int = 1000
+    shape: int = 1000
+    size: int = 500
+    position: int = 500
+    describe: int = 4000
+    existence: int = 0  # held out: evaluated zero-shot
+
+    def __post_init__(self) -> None:
+        if any(v < 0 for v in self.as_dict().values()) or not any(self.as_dict().values()):
+            raise ValueError("task sizes must be >= 0 and not all 0")
+
+    def as_dict(self) -> dict[str, int]:
+        return {task: getattr(self, task) for task in INSTRUCTION_TASKS}
+
+
+@dataclass(frozen=True)
+class InstructConfig(TrainConfig):
+    """Instruction tuning (InstructBLIP) from a stage-2 checkpoint: the instruction enters the Q-Former
+    (whose text weights come from stage 1) and the LLM."""
+
+    name: str = "instruct-toy-opt"
+    stage2: str = "runs/train/stage2-toy-opt"  # a stage-2 job's output directory (its model/), or a model/ itself
+    stage1: str = ""  # the stage-1 output for the Q-Former's text weights; empty: the one stage 2 started from
+    tasks: TaskSizes = field(default_factory=TaskSizes)
+    max_qformer_length: int = 32
+    max_text_length: int = 32
+    max_target_length: int = 32
+    eval_examples_per_task: int = 100  # held-out images asked one question of each family
+    eval_batch_size: int = 50

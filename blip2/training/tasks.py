@@ -1,0 +1,348 @@
+"""What differs between the three training stages, behind one interface the Ray Train loop drives.
+
+A :class:`TrainingTask` builds the model (frozen backbones loaded once, trainable parts initialised the
+same on every worker), the *step module* that distributed data parallelism wraps (its ``forward`` runs
+the whole objective and returns the losses), turns a batch of records into model inputs, evaluates the
+final model on held-out toy-world data and exports it in transformers' layout. Nothing here knows about
+Ray: ``pipelines/train.py`` runs these on Ray Train workers, and a plain loop can run them as well (the
+benchmark's single-process baseline does).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+from blip2.backbones.build import ToyBackbones, find_backbones
+from blip2.backbones.vision import pixel_values
+from blip2.evaluation import evaluate_captions, evaluate_instructions, evaluate_retrieval
+from blip2.models.export import (
+    export_blip2,
+    export_instructblip,
+    export_stage1,
+    import_pretrained,
+    import_stage1,
+)
+from blip2.models.instruct import build_instruct_batch, build_instruct_model
+from blip2.models.stage1 import Stage1Objective, build_stage1_model
+from blip2.models.stage2 import (
+    Blip2Stage2,
+    backbone_dtype,
+    build_stage2_batch,
+    build_stage2_model,
+    cast_backbones,
+    split_prefix,
+)
+from blip2.tokenization import IMAGE_TOKEN
+from blip2.toyworld.corpus import Record
+from blip2.toyworld.text import INSTRUCTION_TASKS, instruction_example, parse_attributes
+from blip2.toyworld.world import ATTRIBUTES, Attributes
+from blip2.training.config import InstructConfig, Stage1Config, Stage2Config, TrainConfig
+from blip2.training.data import (
+    batch_images,
+    caption_choices,
+    match_ids,
+    sample_captions,
+    task_mixture,
+)
+
+MODEL_DIR = "model"  # a job's export, inside its output directory
+
+
+def resolve_model_dir(path: str | Path, what: str) -> Path:
+    """A previous job's export: ``path`` itself when it holds a ``config.json``, else ``path/model``."""
+    path = Path(path)
+    for candidate in (path, path / MODEL_DIR):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"{what}: no model at {path} (expected {path / MODEL_DIR}/config.json); "
+                            f"run that job first or point the config at its output directory")
+
+
+class TrainingTask(ABC):
+    """One training stage. ``config`` is its typed job config."""
+
+    stage: str
+    loss_names: tuple[str, ...]
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.backbones: ToyBackbones = find_backbones(config.backbones or None)
+
+    # -- building -----------------------------------------------------------------------------------
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The whole model, frozen parts frozen; trainable parts seeded from ``config.seed``."""
+
+    @abstractmethod
+    def step_module(self, model: nn.Module, rank: int, world_size: int, device: torch.device) -> nn.Module:
+        """The module DDP wraps: ``forward(**make_batch(...))`` -> ``{"loss": ..., <loss_names>: ...}``."""
+
+    def prepare(self, model: nn.Module, device: torch.device, mixed_precision: bool) -> nn.Module:
+        """Move to ``device``; on GPU with ``mixed_precision`` the frozen backbones go to bf16/fp16."""
+        model.to(device)
+        if mixed_precision and device.type == "cuda":
+            cast_backbones(model, backbone_dtype(device))
+        return model
+
+    # -- data ---------------------------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        return AutoConfig.from_pretrained(self.backbones.vision).image_size
+
+    @abstractmethod
+    def make_batch(self, batch: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Tensor]:
+        """Model inputs from one batch of records (numpy columns, as Ray Data's ``iter_batches`` gives)."""
+
+    # -- after training -----------------------------------------------------------------------------
+    @abstractmethod
+    def evaluate(self, model: nn.Module, records: Sequence[Record]) -> dict[str, Any]:
+        """Held-out metrics of the trained model on ``records`` (a toy-world split)."""
+
+    @abstractmethod
+    def export(self, model: nn.Module, out: Path) -> Path:
+        """The trained model in transformers' layout, loadable by the next stage, CapFilt and Serve."""
+
+    def headline(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """The few numbers a person looks at first."""
+        return {}
+
+    def trainable_module(self, model: nn.Module) -> nn.Module:
+        """What the optimiser sees and checkpoints hold (``requires_grad`` parameters only)."""
+        return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 1
+
+
+class _Stage1Step(nn.Module):
+    def __init__(self, model: nn.Module, objective: Stage1Objective, generator: torch.Generator) -> None:
+        super().__init__()
+        self.model, self.objective, self.generator = model, objective, generator  # generator: ITM negatives
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, ids: Tensor, pixel_values: Tensor | None = None,
+                image_embeds: Tensor | None = None) -> dict[str, Tensor]:
+        out = self.objective(self.model, pixel_values, input_ids, attention_mask, ids, self.generator,
+                             image_embeds=image_embeds)
+        return {"loss": out.loss, "itc_loss": out.itc_loss, "itm_loss": out.itm_loss, "lm_loss": out.lm_loss}
+
+
+class Stage1Task(TrainingTask):
+    stage = "stage1"
+    loss_names = ("itc_loss", "itm_loss", "lm_loss")
+
+    def __init__(self, config: Stage1Config) -> None:
+        super().__init__(config)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.backbones.qformer_tokenizer)
+
+    def build_model(self) -> nn.Module:
+        m = self.config.model
+        torch.manual_seed(self.config.seed)  # the same initial weights on every worker
+        return build_stage1_model(self.backbones.vision, self.backbones.qformer_tokenizer, m.num_query_tokens,
+                                  m.image_text_hidden_size, m.hidden_size, m.num_layers, m.num_heads,
+                                  m.intermediate_size, max_text_length=max(m.max_text_length, 64),
+                                  bert_path=m.bert_path or None)
+
+    def step_module(self, model, rank, world_size, device):
+        generator = torch.Generator(device=device).manual_seed(self.config.seed * 1000 + rank)
+        return _Stage1Step(model, Stage1Objective(rank, world_size), generator)
+
+    def make_batch(self, batch, rng):
+        texts = sample_captions(caption_choices(batch), rng)
+        # Fixed-length text: ITM gathers token ids across workers, which needs equal shapes.
+        text = self.tokenizer(texts, padding="max_length", truncation=True,
+                              max_length=self.config.model.max_text_length, return_tensors="pt")
+        inputs = {"input_ids": text.input_ids, "attention_mask": text.attention_mask, "ids": match_ids(texts)}
+        if "image_embeds" in batch:  # the frozen-feature cache
+            inputs["image_embeds"] = torch.from_numpy(np.stack(list(batch["image_embeds"]))).float()
+        else:
+            inputs["pixel_values"] = pixel_values(batch_images(batch, self.image_size))
+        return inputs
+
+    def evaluate(self, model, records):
+        return evaluate_retrieval(model, self.tokenizer, records, num_candidates=self.config.eval_candidates,
+                                  rerank_k=self.config.rerank_k, max_text_length=self.config.model.max_text_length)
+
+    def export(self, model, out):
+        return export_stage1(model, out)
+
+    def headline(self, metrics):
+        keys = ("t2i_r1_attribute", "t2i_r1_attribute_itc", "t2i_r1_strict", "i2t_r1_attribute")
+        return {k: metrics[k] for k in keys if k in metrics}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage 2 and instruction tuning: a frozen LLM behind the Q-Former.
+
+
+class _LmStep(nn.Module):
+    def __init__(self, model: Blip2Stage2) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: Tensor) -> dict[str, Tensor]:
+        loss = self.model(**inputs).lm_loss
+        return {"loss": loss, "lm_loss": loss}
+
+
+class _GenerativeTask(TrainingTask):
+    loss_names = ("lm_loss",)
+
+    def step_module(self, model, rank, world_size, device):
+        return _LmStep(model)
+
+    def trainable_module(self, model):
+        return model  # a Blip2Stage2: only query_tokens, qformer and language_projection require grad
+
+    def prepare(self, model, device, mixed_precision):
+        model = super().prepare(model, device, mixed_precision)
+        model.freeze_backbones()
+        return model
+
+    def _pixels(self, batch: Mapping[str, Any]) -> Tensor:
+        return pixel_values(batch_images(batch, self.image_size))
+
+    @property
+    def model_config(self):
+        """The built model's config (token layout: query count, image token, decoder-only or not)."""
+        if getattr(self, "_model_config", None) is None:
+            raise RuntimeError("build_model() first: batches are laid out for the built model")
+        return self._model_config
+
+    def _built(self, model: nn.Module) -> Blip2Stage2:
+        self._model_config = model.config
+        return Blip2Stage2(model)
+
+
+def _stage1_state_dict(path: str | Path) -> tuple[dict[str, Tensor], Any]:
+    stage1 = import_stage1(resolve_model_dir(path, "stage 1"))
+    return stage1.state_dict(), stage1.config
+
+
+class Stage2Task(_GenerativeTask):
+    stage = "stage2"
+
+    def __init__(self, config: Stage2Config) -> None:
+        super().__init__(config)
+        self.llm_path = {"opt": self.backbones.opt, "t5": self.backbones.t5}.get(config.llm, Path(config.llm))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.llm_path)
+
+    def build_model(self) -> nn.Module:
+        state_dict, stage1_config = _stage1_state_dict(self.config.stage1)
+        qformer_config = copy.deepcopy(stage1_config.qformer_config)
+        qformer_config.use_qformer_text_input = False  # stage 2 feeds the Q-Former no text
+        torch.manual_seed(self.config.seed)
+        model = build_stage2_model(self.backbones.vision, self.llm_path, qformer_config,
+                                   stage1_config.num_query_tokens, self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                                   stage1_state_dict=state_dict)
+        return self._built(model)
+
+    def make_batch(self, batch, rng):
+        captions = sample_captions(caption_choices(batch), rng)
+        config = self.config
+        if self.model_config.use_decoder_only_language_model:
+            prompts, targets = [config.prompt] * len(captions), captions
+        else:  # prefix language modelling into the encoder
+            prefixes, targets = split_prefix(captions, rng, config.max_prefix_fraction)
+            prompts = [" ".join(filter(None, (config.prompt, p))) for p in prefixes]
+        return build_stage2_batch(self.tokenizer, self.model_config, self._pixels(batch), targets, prompts,
+                                  config.max_text_length, config.max_target_length).model_inputs()
+
+    def evaluate(self, model, records):
+        prompt = self.config.prompt or None
+        return evaluate_captions(model.model if isinstance(model, Blip2Stage2) else model, self.tokenizer,
+                                 list(records[: self.config.eval_size]), prompt=prompt,
+                                 batch_size=self.config.eval_batch_size, seed=self.config.seed,
+                                 max_text_length=self.config.max_text_length)
+
+    def export(self, model, out):
+        return export_blip2(model, self.tokenizer, self.backbones.vision, out)
+
+    def headline(self, metrics):
+        return {k: metrics[k] for k in ("caption_accuracy", "bleu4", "cider_d") if k in metrics}
+
+
+class InstructTask(_GenerativeTask):
+    stage = "instruct"
+
+    def __init__(self, config: InstructConfig) -> None:
+        super().__init__(config)
+        self.stage2_dir = resolve_model_dir(config.stage2, "stage 2")
+        self.qformer_tokenizer = AutoTokenizer.from_pretrained(self.backbones.qformer_tokenizer)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.stage2_dir)
+        self.mixture = task_mixture(config.tasks.as_dict())
+
+    def _stage1_dir(self) -> Path | str:
+        if self.config.stage1:
+            return self.config.stage1
+        report = self.stage2_dir.parent / "report.json"  # the stage-2 job records where it started from
+        if report.is_file():
+            return json.loads(report.read_text())["config"]["stage1"]
+        raise FileNotFoundError(f"set stage1=: {self.stage2_dir} has no stage-2 report naming its stage-1 run")
+
+    def build_model(self) -> nn.Module:
+        bundle = import_pretrained(self.stage2_dir)
+        state_dict, _ = _stage1_state_dict(self._stage1_dir())
+        torch.manual_seed(self.config.seed)
+        return self._built(build_instruct_model(bundle.model, self.qformer_tokenizer, state_dict))
+
+    def draw_tasks(self, captions: Sequence[str], rng: np.random.Generator) -> list[tuple[str, str]]:
+        """(instruction, answer) for each caption: a family drawn from the √size mixture, a phrasing drawn
+        from its templates. The answer comes from the attributes the caption states (the instruction data
+        is built from annotated captions, as InstructBLIP builds it from captioning and VQA datasets);
+        a caption that does not state all four can only be asked to be described."""
+        tasks, weights = list(self.mixture), np.array(list(self.mixture.values()))
+        pairs = []
+        for text in captions:
+            stated = parse_attributes(text)
+            if len(stated) < len(ATTRIBUTES):
+                pairs.append((instruction_example("describe", _placeholder, rng).instruction, text))
+                continue
+            attributes = Attributes(**stated)
+            task = tasks[int(rng.choice(len(tasks), p=weights))]
+            example = instruction_example(task, attributes, rng)
+            pairs.append((example.instruction, text if task == "describe" else example.answer))
+        return pairs
+
+    def make_batch(self, batch, rng):
+        pairs = self.draw_tasks(sample_captions(caption_choices(batch), rng), rng)
+        c = self.config
+        return build_instruct_batch(self.tokenizer, self.qformer_tokenizer, self.model_config, self._pixels(batch),
+                                    [p[0] for p in pairs], [p[1] for p in pairs], c.max_qformer_length,
+                                    c.max_text_length, c.max_target_length).model_inputs()
+
+    def evaluate(self, model, records):
+        held_out = tuple(t for t, size in self.config.tasks.as_dict().items() if size == 0)
+        return evaluate_instructions(model.model if isinstance(model, Blip2Stage2) else model, self.tokenizer,
+                                     self.qformer_tokenizer, list(records), tuple(INSTRUCTION_TASKS),
+                                     self.config.eval_examples_per_task, seed=self.config.seed,
+                                     batch_size=self.config.eval_batch_size, held_out=held_out,
+                                     max_qformer_length=self.config.max_qformer_length,
+                                     max_text_length=self.config.max_text_length)
+
+    def export(self, model, out):
+        return export_instructblip(model, self.tokenizer, self.qformer_tokenizer,
+                                   AutoImageProcessor.from_pretrained(self.stage2_dir), out)
+
+    def headline(self, metrics):
+        keys = ("accuracy/held_in", "accuracy/held_out", "accuracy/all")
+        return {k: metrics[k] for k in keys if k in metrics}
+
+
+_placeholder = Attributes(**{name: values[0] for name, values in ATTRIBUTES.items()})  # describe phrasings ignore attributes
+
+TASKS: dict[str, tuple[type[TrainConfig], type[TrainingTask]]] = {
+    "stage1": (Stage1Config, Stage1Task),
+    "stage2": (Stage2Config, Stage2Task),
+    "instruct": (InstructConfig, InstructTask),
+}

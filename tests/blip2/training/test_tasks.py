@@ -1,0 +1,145 @@
+"""The three training stages behind one interface, without Ray: batches from every input layout, a
+training step that moves only what trains, held-out evaluation and an export the next stage loads."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from blip2.models.export import import_pretrained, import_stage1
+from blip2.toyworld.corpus import ToyWorldConfig, generate_split
+from blip2.toyworld.world import decode_image
+from blip2.training.config import InstructConfig, Stage1Config, Stage1ModelConfig, Stage2Config, TaskSizes
+from blip2.training.data import caption_choices, sample_captions, task_mixture
+from blip2.training.features import FrozenImageEncoder
+from blip2.training.tasks import InstructTask, Stage1Task, Stage2Task, resolve_model_dir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WORLD = ToyWorldConfig(seed=3, web_size=40, clean_size=64, val_size=10, test_size=16, novel_size=10)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def records():
+    return generate_split(WORLD, "clean")[:8]
+
+
+def layouts(records):
+    """The same records as each reader yields them: WebDataset (decoded), Parquet (bytes + text) and
+    CapFilt output (bytes + a list of kept captions)."""
+    texts = np.array([r.alt_text for r in records], dtype=object)
+    return {
+        "webdataset": {"jpg": np.stack([decode_image(r.image) for r in records]), "txt": texts},
+        "parquet": {"image": np.array([r.image for r in records], dtype=object), "text": texts},
+        "capfilt": {"image": np.array([r.image for r in records], dtype=object),
+                    "captions": np.array([np.array([r.alt_text, r.alt_text.upper()]) for r in records], dtype=object)},
+    }
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(tmp_path_factory):
+    task = Stage1Task(Stage1Config(world=WORLD, model=Stage1ModelConfig(hidden_size=64, num_layers=1,
+                                                                         image_text_hidden_size=32, num_query_tokens=4)))
+    out = tmp_path_factory.mktemp("stage1")
+    task.export(task.build_model(), out / "model")
+    return out
+
+
+def trainable_snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_every_input_layout_gives_the_same_stage1_batch(records):
+    task = Stage1Task(Stage1Config(world=WORLD))
+    batches = {name: task.make_batch(b, np.random.default_rng(0)) for name, b in layouts(records).items()}
+    reference = batches["webdataset"]
+    for name in ("parquet",):
+        for key in reference:
+            assert torch.equal(batches[name][key], reference[key]), (name, key)
+    # CapFilt records carry two captions: each is drawn for some record with enough draws
+    drawn = {text for seed in range(20)
+             for text in sample_captions(caption_choices(layouts(records)["capfilt"]), np.random.default_rng(seed))}
+    assert {r.alt_text for r in records} | {r.alt_text.upper() for r in records} == drawn
+
+
+def test_missing_columns_are_named():
+    with pytest.raises(KeyError, match="caption column"):
+        caption_choices({"image": []})
+
+
+def test_task_mixture_is_proportional_to_the_square_root_of_size():
+    mixture = task_mixture({"a": 100, "b": 400, "c": 0})
+    assert mixture == pytest.approx({"a": 1 / 3, "b": 2 / 3})
+    with pytest.raises(ValueError):
+        task_mixture({"a": 0})
+
+
+def test_stage1_step_trains_and_cached_features_give_the_same_loss(records):
+    task = Stage1Task(Stage1Config(world=WORLD, model=Stage1ModelConfig(hidden_size=64, num_layers=1,
+                                                                         image_text_hidden_size=32, num_query_tokens=4)))
+    model = task.build_model()
+    batch = layouts(records)["webdataset"]
+    inputs = task.make_batch(batch, np.random.default_rng(0))
+    cached = task.make_batch(FrozenImageEncoder(task.backbones.vision)(batch), np.random.default_rng(0))
+    assert "image_embeds" in cached and "pixel_values" not in cached
+    model.eval()  # no dropout: the two losses must agree exactly up to float error
+    losses = [task.step_module(model, 0, 1, CPU)(**x) for x in (inputs, cached)]
+    for name in ("itc_loss", "itm_loss", "lm_loss"):
+        assert losses[0][name].item() == pytest.approx(losses[1][name].item(), rel=1e-5)
+    frozen = {n: p.detach().clone() for n, p in model.vision_model.named_parameters()}
+    losses[0]["loss"].backward()
+    assert all(p.grad is None for p in model.vision_model.parameters())
+    assert model.query_tokens.grad is not None
+    assert all(torch.equal(p, frozen[n]) for n, p in model.vision_model.named_parameters())
+
+
+@pytest.mark.parametrize("llm", ["opt", "t5"])
+def test_stage2_starts_from_stage1_and_trains_only_the_bridge(records, stage1_dir, tmp_path, llm):
+    task = Stage2Task(Stage2Config(world=WORLD, stage1=str(stage1_dir), llm=llm, eval_size=4))
+    model = task.prepare(task.build_model(), CPU, mixed_precision=True)
+    stage1 = import_stage1(stage1_dir / "model")
+    assert torch.equal(model.model.query_tokens, stage1.query_tokens)  # the Q-Former came from stage 1
+    step = task.step_module(model, 0, 1, CPU)
+    step.train()
+    assert not model.model.language_model.training and not model.model.vision_model.training
+    out = step(**task.make_batch(layouts(records)["capfilt"], np.random.default_rng(0)))
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained and all(n.startswith(("model.query_tokens", "model.qformer.", "model.language_projection."))
+                           for n in trained)
+    metrics = task.evaluate(model, generate_split(WORLD, "test"))
+    assert metrics["num_images"] == 4 and 0 <= metrics["caption_accuracy"] <= 1
+    exported = import_pretrained(task.export(model, tmp_path / "model"))
+    assert type(exported.model).__name__ == "Blip2ForConditionalGeneration"
+
+
+def test_instruct_starts_from_stage2_with_held_out_families(records, stage1_dir, tmp_path):
+    stage2 = Stage2Task(Stage2Config(world=WORLD, stage1=str(stage1_dir), llm="opt"))
+    stage2.export(stage2.build_model(), tmp_path / "stage2" / "model")
+    (tmp_path / "stage2" / "report.json").write_text(json.dumps({"config": {"stage1": str(stage1_dir)}}))
+    task = InstructTask(InstructConfig(world=WORLD, stage2=str(tmp_path / "stage2"), eval_examples_per_task=3,
+                                       tasks=TaskSizes(colour=10, shape=0, size=0, position=0, describe=0)))
+    model = task.build_model()
+    # only colour questions are drawn, answered from the attributes each caption states
+    pairs = task.draw_tasks([r.alt_text for r in records], np.random.default_rng(0))
+    assert [answer for _, answer in pairs] == [r.attributes.colour for r in records]
+    inputs = task.make_batch(layouts(records)["parquet"], np.random.default_rng(0))
+    assert inputs["qformer_input_ids"].shape[0] == len(records)  # the instruction enters the Q-Former
+    out = task.step_module(model, 0, 1, CPU)(**inputs)
+    out["loss"].backward()
+    assert model.model.qformer.embeddings.word_embeddings.weight.grad is not None
+    metrics = task.evaluate(model, generate_split(WORLD, "test"))
+    # every family but colour had size 0: held out, and reported apart
+    assert metrics["num_examples"] == 3 * 6 and "accuracy/held_out" in metrics and "accuracy/held_in" in metrics
+    exported = import_pretrained(task.export(model, tmp_path / "instruct" / "model"))
+    assert exported.is_instruct
+
+
+def test_a_missing_previous_stage_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run that job first"):
+        resolve_model_dir(tmp_path / "nowhere", "stage 1")
+    with pytest.raises(FileNotFoundError, match="stage 2"):
+        InstructTask(InstructConfig(world=WORLD, stage2=str(tmp_path)))
