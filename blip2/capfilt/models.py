@@ -7,6 +7,7 @@ not ``"ok"`` (rejected upstream) pass through untouched, so every record reaches
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,14 +56,29 @@ def _ok(batch: dict[str, Any]) -> np.ndarray:
     return np.asarray([status == OK for status in batch["status"]], dtype=bool)
 
 
-def _object_column(values: Sequence[Any]) -> np.ndarray:
+# List-valued columns (synthetic captions, scores, kept captions) travel as JSON strings: an Arrow list
+# column whose batch happens to hold only empty lists gets another type than its neighbours, and Ray
+# Data then cannot concatenate the blocks.
+LIST_COLUMNS = ("synthetic", "synthetic_scores", "captions", "caption_sources", "caption_scores")
+
+
+def encode_list(values: Sequence[Any]) -> str:
+    return json.dumps([v.item() if isinstance(v, np.generic) else v for v in values])
+
+
+def decode_list(value: Any) -> list:
+    """A list column's value as a list: JSON text, or a list/array."""
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)):
+        return json.loads(value) if value else []
+    return list(value)
+
+
+def _json_column(values: Sequence[Sequence[Any]]) -> np.ndarray:
     column = np.empty(len(values), dtype=object)
-    column[:] = list(values)
+    column[:] = [encode_list(v) for v in values]
     return column
-
-
-def _as_list(value: Any) -> list:
-    return [] if value is None else list(value)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -115,7 +131,7 @@ class Captioner:
             captions = self.caption(np.asarray(batch["pixels"])[ok], self.config.seed + zlib.crc32(first.encode()))
             for i, texts in zip(np.flatnonzero(ok), captions, strict=True):
                 synthetic[i] = texts
-        return {**batch, "synthetic": _object_column(synthetic)}
+        return {**batch, "synthetic": _json_column(synthetic)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,8 +201,8 @@ class CaptionFilter:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         ok = _ok(batch)
         n = len(ok)
-        web_text = list(batch["web_text"])
-        synthetic = [[str(t) for t in _as_list(s)] for s in batch.get("synthetic", [None] * n)]
+        web_text = [str(t) if t else None for t in batch["web_text"]]
+        synthetic = [[str(t) for t in decode_list(s)] for s in batch.get("synthetic", [None] * n)]
         groups = [candidates(web_text[i], synthetic[i]) if ok[i] else ([], []) for i in range(n)]
         indices = np.flatnonzero(ok)
         scores = dict(zip(indices, self.score(np.asarray(batch["pixels"])[ok], [groups[i][0] for i in indices]),
@@ -211,9 +227,9 @@ class CaptionFilter:
             if ok[i]:
                 status[i] = KEPT if selection.kept else FILTERED
         out = {k: v for k, v in batch.items() if k != "pixels"}
-        out.update(status=np.asarray(status, dtype=object), web_score=web_score, synthetic=_object_column(synthetic),
-                   synthetic_scores=_object_column(synthetic_scores), captions=_object_column(kept),
-                   caption_sources=_object_column(sources), caption_scores=_object_column(kept_scores),
+        out.update(status=np.asarray(status, dtype=object), web_score=web_score, synthetic=_json_column(synthetic),
+                   synthetic_scores=_json_column(synthetic_scores), captions=_json_column(kept),
+                   caption_sources=_json_column(sources), caption_scores=_json_column(kept_scores),
                    best_score=best)
         return out
 

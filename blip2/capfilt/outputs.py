@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from blip2.capfilt.models import FILTERED, KEPT
+from blip2.capfilt.models import FILTERED, KEPT, LIST_COLUMNS, decode_list
 from blip2.capfilt.records import END, REJECTED
 
 FOLDERS = ("kept", "filtered", "rejected", "scores")
@@ -73,6 +73,18 @@ def _python(value: Any) -> Any:
     if isinstance(value, float) and np.isnan(value):
         return None
     return value
+
+
+def _row(row: dict) -> dict:
+    """Undo the transport encoding (see ``rows_to_batch`` and ``models.LIST_COLUMNS``)."""
+    for name in LIST_COLUMNS:
+        if name in row:
+            row[name] = decode_list(row[name])
+    row["web_text"] = row.get("web_text") or None
+    row["image"] = row.get("image") or None
+    truth = row.get("ground_truth")
+    row["ground_truth"] = None if truth is None or truth < 0 else bool(truth) if not isinstance(truth, bool) else truth
+    return row
 
 
 def _nullable_floats(values: Iterable[Any]) -> list[float | None]:
@@ -152,7 +164,7 @@ class ShardCollector:
         size = len(columns["shard"])
         touched = set()
         for i in range(size):
-            row = {name: _python(values[i]) for name, values in columns.items()}
+            row = _row({name: _python(values[i]) for name, values in columns.items()})
             shard, index = row["shard"], int(row["index"])
             if shard in self.written:
                 self.duplicates[shard] += 1

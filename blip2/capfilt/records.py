@@ -127,7 +127,9 @@ ROW_COLUMNS = ("shard", "index", "key", "image_ref", "status", "reason", "detail
 
 
 def rows_to_batch(rows: list[Row], image_size: int) -> dict[str, np.ndarray]:
-    """Columns of equal length (numpy; object arrays where values may be None)."""
+    """Columns of equal length. No column holds None: a batch whose values are all None would get a
+    different Arrow type than its neighbours and Ray Data could not concatenate them. So a missing web
+    caption travels as "", a missing image as b"", and ground truth as int8 (-1 unknown, 0, 1)."""
     def objects(values: list) -> np.ndarray:
         column = np.empty(len(values), dtype=object)
         column[:] = values
@@ -137,10 +139,11 @@ def rows_to_batch(rows: list[Row], image_size: int) -> dict[str, np.ndarray]:
         "shard": objects([r.shard for r in rows]), "index": np.array([r.index for r in rows], dtype=np.int64),
         "key": objects([r.key for r in rows]), "image_ref": objects([r.image_ref for r in rows]),
         "status": objects([r.status for r in rows]), "reason": objects([r.reason for r in rows]),
-        "detail": objects([r.detail for r in rows]), "web_text": objects([r.web_text for r in rows]),
+        "detail": objects([r.detail for r in rows]), "web_text": objects([r.web_text or "" for r in rows]),
         "caption_issue": objects([r.caption_issue for r in rows]),
         "pixels": np.stack([r.pixels for r in rows]) if rows else np.zeros((0, image_size, image_size, 3), np.uint8),
-        "image": objects([r.image for r in rows]), "ground_truth": objects([r.ground_truth for r in rows]),
+        "image": objects([r.image or b"" for r in rows]),
+        "ground_truth": np.array([-1 if r.ground_truth is None else int(r.ground_truth) for r in rows], dtype=np.int8),
     }
 
 
