@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "toyworld": ("pipelines.toyworld", "write the toy-world corpus (WebDataset + Parquet shards)"),
     "backbones": ("pipelines.backbones", "pretrain / evaluate the toy world's frozen backbones"),
     "train": ("pipelines.train", "train on Ray Train: stage1, stage2 or instruct"),
+    "serve": ("pipelines.serve", "serve a model on Ray Serve: caption, answer, match, embed, chat completions"),
     "capfilt": ("pipelines.capfilt", "clean a noisy image-text corpus with CapFilt on Ray Data"),
 }
 

@@ -1,0 +1,418 @@
+"""``blip2 serve``: BLIP-2 / InstructBLIP on Ray Serve, with autoscaled, dynamically batched replicas.
+
+    python -m pipelines.serve [--config pipelines/configs/serve_toy.yaml] [key=value ...] [--check]
+    serve run pipelines.serve:build_app config=pipelines/configs/serve_toy.yaml [model.source=DIR ...]
+    serve deploy pipelines/configs/serve_deploy.yaml        # on a running cluster (`ray start --head`)
+
+Two deployments. ``Gateway`` is the FastAPI ingress: it reads and validates every request
+(:mod:`blip2.serving.requests`, :mod:`blip2.serving.chat`) and answers bad ones with a 4xx JSON error
+before a model sees them. ``VisionLanguageModel`` holds the model (loaded once per replica) and batches
+requests with ``@serve.batch``; it autoscales between ``autoscaling.min_replicas`` and ``max_replicas``
+on ongoing requests. Routes: POST /v1/caption, /v1/answer, /v1/match, /v1/embed, /v1/chat/completions
+(OpenAI format, streamed with ``"stream": true``), GET /v1/models, GET /healthz.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route methods' annotations (`request: Request`)
+# and Serve's ingress wrapping hides the module globals that would resolve them as strings.
+import asyncio
+import json
+import signal
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import ray
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import ReplicaUnavailableError
+from starlette.formparsers import MultiPartParser
+from starlette.datastructures import UploadFile
+
+from blip2.config import from_dict, load_config, to_dict
+from blip2.serving.chat import (
+    chat_completion,
+    chat_completion_chunks,
+    chat_request,
+    models_list,
+    server_sent_events,
+)
+from blip2.serving.requests import (
+    EmbedRequest,
+    GenerationRequest,
+    MatchRequest,
+    RequestError,
+    RequestLimits,
+    answer_request,
+    caption_request,
+    embed_request,
+    match_request,
+    parse_json_body,
+    require_media_type,
+)
+from blip2.serving.runtime import EmbedResult, GenerationResult, MatchResult, RuntimeSettings, load_runtime
+from pipelines.common import CONFIG_DIR, job_parser, log, parse_config
+
+DEFAULT_CONFIG = "serve_toy.yaml"
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    id: str = "blip2-toy-instruct-opt"  # the name clients use (/v1/models, chat "model")
+    source: str = "toy-instruct-opt"  # a preset name or a transformers BLIP-2 / InstructBLIP directory
+    retrieval: str = "toy-stage1"  # "toy-stage1", a stage-1 export directory, or "" (no /match, /embed)
+    retrieval_tokenizer: str = ""  # Q-Former tokenizer of the stage-1 model (default: see load_retrieval)
+    retrieval_image_processor: str = ""
+    dtype: str = "float32"  # backbones' dtype: float32 on CPU; bfloat16/float16 on GPU
+    seed: int = 0  # initialisation seed of the untrained toy presets
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+
+    def __post_init__(self) -> None:
+        if not self.id or not self.source:
+            raise ValueError("model.id and model.source must be set")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class ReplicaSettings:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    torch_threads: int = 1  # intra-op threads per replica
+    max_ongoing_requests: int = 32
+    max_batch_size: int = 16  # @serve.batch
+    batch_wait_timeout_s: float = 0.01
+    health_check_period_s: float = 10.0
+    health_check_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.num_cpus < 0 or self.num_gpus < 0 or self.torch_threads < 1:
+            raise ValueError("num_cpus and num_gpus must be >= 0, torch_threads >= 1")
+        if not 1 <= self.max_batch_size <= self.max_ongoing_requests:
+            raise ValueError("max_batch_size must be in [1, max_ongoing_requests]")
+        if self.batch_wait_timeout_s < 0:
+            raise ValueError("batch_wait_timeout_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class AutoscalingSettings:
+    """Ray Serve's ``autoscaling_config``: replicas follow ongoing requests per replica."""
+
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 8.0
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 60.0
+    metrics_interval_s: float = 2.0
+    look_back_period_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ValueError("need 0 <= min_replicas <= max_replicas and max_replicas >= 1")
+        if self.target_ongoing_requests <= 0:
+            raise ValueError("target_ongoing_requests must be > 0")
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    app_name: str = "blip2"
+    route_prefix: str = "/"
+    max_body_bytes: int = 8 * 1024 * 1024  # larger bodies get a 413 before they are read
+    ingress_replicas: int = 1
+    ingress_num_cpus: float = 0.25
+    retries: int = 2  # a request whose replica died is sent again (inference is idempotent)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    replica: ReplicaSettings = field(default_factory=ReplicaSettings)
+    autoscaling: AutoscalingSettings = field(default_factory=AutoscalingSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    limits: RequestLimits = field(default_factory=RequestLimits)
+
+    def __post_init__(self) -> None:
+        if not self.autoscaling.target_ongoing_requests < self.replica.max_ongoing_requests:
+            raise ValueError("autoscaling.target_ongoing_requests must be below replica.max_ongoing_requests "
+                             "(else a replica is never busy enough to trigger a scale-up)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model deployment: loads once, batches, autoscales (its options are set in `application`).
+
+
+@serve.deployment
+class VisionLanguageModel:
+    def __init__(self, config: dict[str, Any]) -> None:
+        config = from_dict(ServeConfig, config)
+        torch.set_num_threads(config.replica.torch_threads)
+        settings = config.model
+        device = "cuda" if config.replica.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.runtime = load_runtime(settings.source, settings.retrieval, settings.retrieval_tokenizer,
+                                    settings.retrieval_image_processor, settings.runtime, device,
+                                    getattr(torch, settings.dtype), settings.seed)
+        if config.limits.max_new_tokens > self.runtime.max_new_tokens_supported():
+            raise ValueError(f"limits.max_new_tokens {config.limits.max_new_tokens} does not fit the LLM's window; "
+                             f"at most {self.runtime.max_new_tokens_supported()}")
+        for method in (self.generate, self.match, self.embed):  # batch sizes come from the config
+            method.set_max_batch_size(config.replica.max_batch_size)
+            method.set_batch_wait_timeout_s(config.replica.batch_wait_timeout_s)
+        self.runtime.health_check()
+
+    # Model calls run in a worker thread so that the event loop keeps queueing the next batch.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        return await asyncio.to_thread(self.runtime.generate, requests)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def match(self, requests: list[MatchRequest]) -> list[MatchResult]:
+        return await asyncio.to_thread(self.runtime.match, requests)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def embed(self, requests: list[EmbedRequest]) -> list[EmbedResult]:
+        return await asyncio.to_thread(self.runtime.embed, requests)
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; a raise marks the replica unhealthy and replaces it."""
+        await asyncio.to_thread(self.runtime.health_check)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The ingress: HTTP in, validated typed requests to the model deployment, JSON out.
+
+api = FastAPI(title="BLIP-2 / InstructBLIP", description="caption, answer, match, embed, chat completions")
+
+
+@api.exception_handler(RequestError)
+async def _request_error(_: Request, error: RequestError) -> JSONResponse:
+    return JSONResponse(error.to_json(), status_code=error.status)
+
+
+def _usage(result: GenerationResult) -> dict[str, int]:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
+
+
+@serve.deployment
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, model: Any, config: dict[str, Any]) -> None:
+        self.model = model
+        self.config = from_dict(ServeConfig, config)
+        self.limits = self.config.limits
+        self.model_id = self.config.model.id
+        self.created = int(time.time())
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.config.http.max_body_bytes
+        too_large = RequestError(413, "body_too_large", f"the body is larger than the limit of {limit} bytes")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
+
+    async def _payload(self, request: Request, multipart: bool = True) -> tuple[dict[str, Any], bool]:
+        """The JSON object or the multipart form (files as bytes) of a request, and whether it was a form."""
+        allowed = ("application/json", "multipart/form-data") if multipart else ("application/json",)
+        kind = require_media_type(request.headers.get("content-type"), allowed)
+        body = await self._body(request)
+        if kind == "application/json":
+            return parse_json_body(body), False
+
+        async def once():
+            yield body
+        try:
+            form = await MultiPartParser(request.headers, once()).parse()
+        except Exception as error:  # starlette raises its own MultiPartException for every malformed form
+            raise RequestError(400, "invalid_form", f"malformed multipart body: {error}") from None
+        data = {}
+        for name, value in form.multi_items():
+            data[name] = await value.read() if isinstance(value, UploadFile) else value
+        return data, True
+
+    async def _call(self, method: str, request: Any) -> Any:
+        """One model call; a request whose replica died on the way is sent again (to a live one)."""
+        for attempt in range(self.config.http.retries + 1):
+            try:
+                return await getattr(self.model, method).remote(request)
+            except (RayActorError, ActorUnavailableError, ReplicaUnavailableError) as error:
+                if attempt == self.config.http.retries:
+                    raise RequestError(503, "replica_unavailable", f"no model replica could answer: {error}") from None
+                await asyncio.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _require_retrieval(self) -> None:
+        if not self.config.model.retrieval:
+            raise RequestError(501, "not_available", "this server has no retrieval (stage-1) model: "
+                                                     "set model.retrieval in its config to enable /v1/match and /v1/embed")
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        await self._call_health()
+        return {"status": "ok", "model": self.model_id}
+
+    async def _call_health(self) -> None:
+        try:
+            await self.model.check_health.remote()
+        except Exception as error:  # noqa: BLE001 - any failure is "unhealthy", with its reason
+            raise RequestError(503, "unhealthy", f"the model failed its health check: {error}") from None
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return models_list(self.model_id, self.created)
+
+    @api.post("/v1/caption")
+    async def caption(self, request: Request) -> dict[str, Any]:
+        data, form = await self._payload(request)
+        result = await self._call("generate", caption_request(data, self.limits, form))
+        return {"model": self.model_id, "caption": result.text, "finish_reason": result.finish_reason,
+                "usage": _usage(result)}
+
+    @api.post("/v1/answer")
+    async def answer(self, request: Request) -> dict[str, Any]:
+        data, form = await self._payload(request)
+        job = answer_request(data, self.limits, form)
+        result = await self._call("generate", job)
+        return {"model": self.model_id, "instruction": job.instruction, "answer": result.text,
+                "finish_reason": result.finish_reason, "usage": _usage(result)}
+
+    @api.post("/v1/match")
+    async def match(self, request: Request) -> dict[str, Any]:
+        data, form = await self._payload(request)
+        self._require_retrieval()
+        result = await self._call("match", match_request(data, self.limits, form))
+        return {"model": self.model_id, **asdict(result)}
+
+    @api.post("/v1/embed")
+    async def embed(self, request: Request) -> dict[str, Any]:
+        data, form = await self._payload(request)
+        self._require_retrieval()
+        result = await self._call("embed", embed_request(data, self.limits, form))
+        return {"model": self.model_id, **asdict(result)}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        data, _ = await self._payload(request, multipart=False)
+        chat = chat_request(data, self.limits, self.model_id)
+        result = await self._call("generate", chat.generation)
+        if not chat.stream:
+            return chat_completion(result, self.model_id)
+        events = server_sent_events(chat_completion_chunks(result, self.model_id, chat.include_usage))
+        return StreamingResponse(events, media_type="text/event-stream")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building the application
+
+
+def application(config: ServeConfig) -> serve.Application:
+    """The bound application: the ingress over an autoscaled model deployment, options from ``config``."""
+    replica, scaling = config.replica, config.autoscaling
+    model = VisionLanguageModel.options(
+        autoscaling_config=asdict(scaling),
+        max_ongoing_requests=replica.max_ongoing_requests,
+        ray_actor_options={"num_cpus": replica.num_cpus, "num_gpus": replica.num_gpus},
+        health_check_period_s=replica.health_check_period_s,
+        health_check_timeout_s=replica.health_check_timeout_s,
+    ).bind(to_dict(config))
+    return Gateway.options(
+        num_replicas=config.http.ingress_replicas, ray_actor_options={"num_cpus": config.http.ingress_num_cpus},
+    ).bind(model, to_dict(config))
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The builder for ``serve run pipelines.serve:build_app config=<yaml> [key=value ...]`` (and a
+    ``serve deploy`` config's ``args``): ``config`` names the YAML, every other key overrides it."""
+    args = dict(args)
+    path = args.pop("config", str(CONFIG_DIR / DEFAULT_CONFIG))
+    overrides = [f"{key}={value}" for key, value in args.items()]
+    return application(load_config(ServeConfig, path, overrides))
+
+
+app = build_app({})  # `serve run pipelines.serve:app` and `serve build pipelines.serve:app`: the toy config
+
+
+# ---------------------------------------------------------------------------------------------------
+# The job
+
+
+def base_url(config: ServeConfig) -> str:
+    return f"http://{config.http.host}:{config.http.port}{config.http.route_prefix.rstrip('/')}"
+
+
+def check(config: ServeConfig) -> dict[str, Any]:
+    """Call /healthz, /v1/models and /v1/caption once over HTTP; their answers."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    url = base_url(config)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
+    body = json.dumps({"image": base64.b64encode(buffer.getvalue()).decode(), "max_new_tokens": 8}).encode()
+    results = {}
+    for name, request in (
+        ("healthz", urllib.request.Request(f"{url}/healthz")),
+        ("models", urllib.request.Request(f"{url}/v1/models")),
+        ("caption", urllib.request.Request(f"{url}/v1/caption", body, {"Content-Type": "application/json"})),
+    ):
+        with urllib.request.urlopen(request, timeout=60) as response:
+            results[name] = json.loads(response.read())
+    return results
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = job_parser("blip2 serve", __doc__, DEFAULT_CONFIG)
+    parser.add_argument("--address", default=None,
+                        help="Ray address to join (default: RAY_ADDRESS, else start a local instance)")
+    parser.add_argument("--check", action="store_true",
+                        help="start the app, call /healthz, /v1/models and /v1/caption once, remove the app, exit")
+    config, args = parse_config(parser, ServeConfig, argv)
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `ray job stop`: like Ctrl-C
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=args.address)
+    serve.start(http_options={"host": config.http.host, "port": config.http.port})
+    log(f"deploying {config.model.id} ({config.model.source}) as app {config.http.app_name!r} ...")
+    serve.run(application(config), name=config.http.app_name, route_prefix=config.http.route_prefix)
+    log(f"serving {config.model.id} at {base_url(config)}/ (POST /v1/caption, /v1/answer, /v1/match, /v1/embed, "
+        "/v1/chat/completions; GET /v1/models, /healthz)")
+    try:
+        if args.check:
+            for name, answer in check(config).items():
+                log(f"{name}: {json.dumps(answer)}")
+            return 0
+        while True:  # serve until interrupted
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        serve.delete(config.http.app_name)
+        if started_ray:
+            serve.shutdown()
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    # Run the importable module's main, not __main__'s: Serve pickles deployment classes defined in __main__
+    # by value, and their configs' type hints would then not resolve in the replicas.
+    from pipelines.serve import main as _main
+
+    raise SystemExit(_main())
