@@ -9,6 +9,7 @@ message. No text means "caption the image". System and assistant messages are ac
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -137,10 +138,8 @@ def chat_completion_chunks(result: GenerationResult, model: str, include_usage: 
         return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
 
     yield chunk({"role": "assistant", "content": ""})
-    words = result.text.split(" ")
-    for i, word in enumerate(words):
-        if word or i == 0:
-            yield chunk({"content": word if i == 0 else " " + word})
+    for piece in re.findall(r"\s*\S+|\s+$", result.text):  # words with the spaces before them
+        yield chunk({"content": piece})
     yield chunk({}, result.finish_reason)
     if include_usage:
         yield {**base, "choices": [], "usage": _usage(result)}
