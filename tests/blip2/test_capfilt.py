@@ -205,3 +205,17 @@ def test_captioner_and_filter_on_a_batch(records, tmp_path, one_thread):
     assert len(decode_list(out["captions"][0])) == 2 and scores[0] >= scores[1]
     strict = CaptionFilter(FilterConfig(threshold=1.0))(captioned)
     assert strict["status"][0] == "filtered" and strict["best_score"][0] == pytest.approx(out["best_score"][0])
+
+
+def test_threshold_calibration_pairs_and_choice():
+    from blip2.capfilt.calibrate import calibration_pairs, choose_threshold
+    from blip2.toyworld.corpus import ToyWorldConfig, generate_split
+    from blip2.toyworld.text import caption_matches
+
+    records = generate_split(ToyWorldConfig(seed=5, val_size=9), "val")
+    images, texts, right = calibration_pairs(records)
+    assert images.shape == (9, 64, 64, 3) and all(r == [True, False] for r in right)
+    for record, (good, bad) in zip(records, texts, strict=True):
+        assert caption_matches(good, record.attributes) and not caption_matches(bad, record.attributes)
+    chosen = choose_threshold([0.9, 0.8, 0.7, 0.2, 0.1, 0.75], [True, True, True, False, False, False])
+    assert chosen["threshold"] == pytest.approx(0.775) and (chosen["tp"], chosen["fp"], chosen["fn"]) == (3, 1, 0)
