@@ -30,7 +30,7 @@ import torch
 from ray.data import ActorPoolStrategy
 
 from blip2.capfilt.config import CapFiltConfig, CaptionerConfig, FilterConfig, InputConfig, ValidationConfig
-from blip2.capfilt.models import Captioner, CaptionFilter
+from blip2.capfilt.models import Captioner, CaptionFilter, check_sources
 from blip2.capfilt.outputs import ShardCollector, completed_shards, prepare_output
 from blip2.capfilt.readers import Shard, list_shards
 from blip2.capfilt.records import shard_batches
@@ -104,6 +104,7 @@ def run(config: CapFiltConfig) -> dict | None:
     """Process the pending shards; when every shard is done, check the accounting and write the report
     (returned). Returns None when ``max_shards`` left shards for a later run."""
     out = Path(config.output)
+    check_sources(config.captioner, config.filter)
     shards = list_shards(config.input)
     prepare_output(out)
     done = completed_shards(out)
@@ -145,7 +146,10 @@ def run(config: CapFiltConfig) -> dict | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = job_parser("blip2 capfilt", __doc__, "capfilt_toy.yaml")
     config, _ = parse_config(parser, CapFiltConfig, argv)
-    run(config)
+    try:
+        run(config)
+    except (FileNotFoundError, AccountingError) as error:
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
     return 0
 
 

@@ -168,6 +168,16 @@ def load_filter(config: FilterConfig):
     return model, tokenizer, image_processor
 
 
+def check_sources(captioner: CaptionerConfig, scorer: FilterConfig) -> None:
+    """Fail fast, on the driver, with a sentence — not inside an actor's constructor on a worker."""
+    if captioner.num_captions > 0 and captioner.source not in TOY and not (Path(captioner.source) / "config.json").is_file():
+        raise FileNotFoundError(f"captioner.source {captioner.source!r} is neither a toy preset ({', '.join(TOY)}) "
+                                "nor a Blip2ForConditionalGeneration directory")
+    if scorer.source != TOY_STAGE1 and not (_stage1_dir(Path(scorer.source)) / "config.json").is_file():
+        raise FileNotFoundError(f"filter.source {scorer.source!r} is neither {TOY_STAGE1!r} nor a stage-1 export "
+                                "(train one with `blip2 train stage1 train_split=clean`; its model/ directory)")
+
+
 class CaptionFilter:
     """Scores every candidate caption of an image (the web one and the synthetic ones) by ITM match
     probability and keeps the best ``top_n`` at or above ``threshold``.

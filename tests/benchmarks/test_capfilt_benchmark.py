@@ -5,6 +5,7 @@ import pytest
 import benchmarks.capfilt as bench
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(180)
 def test_capfilt_benchmark_runs_both_paths_and_they_agree(ray_local, tmp_path, one_thread):
     results = bench.benchmark(records=24, filter_source="toy-stage1", captions=1, threads=1, workdir=tmp_path)

@@ -17,6 +17,8 @@ from blip2.capfilt.outputs import FILTERED_SCHEMA, KEPT_SCHEMA, REJECTED_SCHEMA
 from blip2.toyworld.corpus import iter_webdataset
 from pipelines import capfilt
 
+pytestmark = pytest.mark.ray
+
 FAST = ["captioner.num_captions=1", "captioner.max_new_tokens=6", "captioner.min_new_tokens=2",
         "filter.source=toy-stage1", "filter.threshold=0.5"]
 
@@ -167,3 +169,15 @@ def test_killed_filter_actor_is_replaced_and_nothing_is_lost(ray_local, small_wo
     keys = kept_keys(out)
     assert len(keys) == len(set(keys))
     assert killed not in _filter_actor_pids()
+
+
+def test_missing_model_or_input_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        capfilt.main([f"input.path={tmp_path}", "filter.source=/no/such/model"])
+    assert exit_info.value.code == 1 and "filter.source '/no/such/model'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        capfilt.main([f"input.path={tmp_path}/absent", "filter.source=toy-stage1"])
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        capfilt.main(["filter.threshold=2"])
+    assert exit_info.value.code == 2
