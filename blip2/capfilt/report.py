@@ -134,15 +134,16 @@ def plot_scores(web: np.ndarray, synthetic: np.ndarray, ground_truth: list, thre
     known = np.array([g is not None for g in truth], dtype=bool)
     if known.any():
         right = np.array([g is True for g in truth])
-        axis.hist(web[right & ~np.isnan(web)], bins, alpha=0.6, label="web caption, right (ground truth)")
-        axis.hist(web[known & ~right & ~np.isnan(web)], bins, alpha=0.6, label="web caption, wrong (ground truth)")
+        axis.hist(web[right & ~np.isnan(web)], bins, histtype="step", linewidth=1.5, label="web caption, right (ground truth)")
+        axis.hist(web[known & ~right & ~np.isnan(web)], bins, histtype="step", linewidth=1.5, label="web caption, wrong (ground truth)")
     else:
-        axis.hist(web[~np.isnan(web)], bins, alpha=0.6, label="web captions")
+        axis.hist(web[~np.isnan(web)], bins, histtype="step", linewidth=1.5, label="web captions")
     if len(synthetic):
-        axis.hist(synthetic, bins, alpha=0.4, label="synthetic captions")
+        axis.hist(synthetic, bins, histtype="step", linewidth=1.5, linestyle=":", label="synthetic captions")
     axis.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:g}")
     axis.set_xlabel("ITM match probability")
-    axis.set_ylabel("captions")
+    axis.set_yscale("log")  # synthetic captions outnumber web ones K to 1; the tails are what matter
+    axis.set_ylabel("captions (log scale)")
     axis.set_title("CapFilt filter scores")
     axis.legend(fontsize=8)
     figure.tight_layout()
