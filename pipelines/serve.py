@@ -126,6 +126,7 @@ class HttpSettings:
     max_body_bytes: int = 8 * 1024 * 1024  # larger bodies get a 413 before they are read
     ingress_replicas: int = 1
     ingress_num_cpus: float = 0.25
+    ingress_max_ongoing_requests: int = 256  # the ingress only waits on the model: let it hold many requests
     retries: int = 2  # a request whose replica died is sent again (inference is idempotent)
 
 
@@ -326,7 +327,8 @@ def application(config: ServeConfig) -> serve.Application:
         health_check_timeout_s=replica.health_check_timeout_s,
     ).bind(to_dict(config))
     return Gateway.options(
-        num_replicas=config.http.ingress_replicas, ray_actor_options={"num_cpus": config.http.ingress_num_cpus},
+        num_replicas=config.http.ingress_replicas, max_ongoing_requests=config.http.ingress_max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.http.ingress_num_cpus},
     ).bind(model, to_dict(config))
 
 
