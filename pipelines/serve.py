@@ -88,6 +88,7 @@ class ReplicaSettings:
     batch_wait_timeout_s: float = 0.01
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
+    graceful_shutdown_timeout_s: float = 20.0  # a replica being removed finishes its requests for this long
 
     def __post_init__(self) -> None:
         if self.num_cpus < 0 or self.num_gpus < 0 or self.torch_threads < 1:
@@ -325,6 +326,7 @@ def application(config: ServeConfig) -> serve.Application:
         ray_actor_options={"num_cpus": replica.num_cpus, "num_gpus": replica.num_gpus},
         health_check_period_s=replica.health_check_period_s,
         health_check_timeout_s=replica.health_check_timeout_s,
+        graceful_shutdown_timeout_s=replica.graceful_shutdown_timeout_s,
     ).bind(to_dict(config))
     return Gateway.options(
         num_replicas=config.http.ingress_replicas, max_ongoing_requests=config.http.ingress_max_ongoing_requests,

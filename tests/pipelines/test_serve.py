@@ -17,7 +17,7 @@ from PIL import Image
 
 from blip2.config import load_config
 from pipelines.common import CONFIG_DIR
-from pipelines.serve import ServeConfig, application
+from pipelines.serve import ServeConfig, application, main
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -25,7 +25,7 @@ APP = "blip2-test"
 MAX_BODY = 256 * 1024
 TEST_OVERRIDES = [
     "replica.num_cpus=0.5", "replica.max_batch_size=8", "replica.batch_wait_timeout_s=0.005",
-    "replica.health_check_period_s=2", "replica.max_ongoing_requests=16",
+    "replica.health_check_period_s=2", "replica.graceful_shutdown_timeout_s=2", "replica.max_ongoing_requests=16",
     "autoscaling.min_replicas=1", "autoscaling.max_replicas=2", "autoscaling.target_ongoing_requests=2",
     "autoscaling.upscale_delay_s=0.5", "autoscaling.downscale_delay_s=2", "autoscaling.metrics_interval_s=0.2",
     "autoscaling.look_back_period_s=1", "http.ingress_num_cpus=0.1", f"http.max_body_bytes={MAX_BODY}",
@@ -281,3 +281,15 @@ def test_a_replica_killed_mid_load_fails_at_most_one_percent(server):
     assert client.get("/healthz").status_code == 200
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
     assert killed[0] not in names
+
+
+def test_the_job_entrypoint_deploys_checks_and_removes_its_app(server, capsys):
+    from ray import serve
+
+    client, _ = server
+    code = main(["--check", f"http.port={client.base_url.port}", "http.app_name=check", "http.route_prefix=/check",
+                 "replica.num_cpus=0.25", "http.ingress_num_cpus=0.05", "model.retrieval=", "autoscaling.max_replicas=1",
+                 "limits.default_max_new_tokens=4"])
+    printed = capsys.readouterr().out
+    assert code == 0 and 'healthz: {"status": "ok"' in printed and '"caption": ' in printed
+    assert "check" not in serve.status().applications and APP in serve.status().applications
