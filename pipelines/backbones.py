@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         existing = find_backbones(config.out)
     except FileNotFoundError:
         existing = None
-    if existing is not None and existing.report()["config"] == json.loads(json.dumps(asdict(config.build))) \
+    if existing is not None and existing.is_complete_toy_set() and existing.report()["config"] == json.loads(json.dumps(asdict(config.build))) \
             and not config.force:
         log(f"backbones: reusing {existing.root} (built with this config; force=true rebuilds)")
         report = existing.report()

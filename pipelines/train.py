@@ -22,7 +22,6 @@ layout: ``Blip2ForImageTextRetrieval``, ``Blip2ForConditionalGeneration`` or
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from blip2.reporting import plot_curves
 from blip2.toyworld.corpus import generate_split
 from blip2.training.config import TrainConfig
 from blip2.training.features import FrozenImageEncoder
-from blip2.training.optim import build_optimizer, build_scheduler
+from blip2.training.loop import StepRunner
 from blip2.training.state import TRAINABLE, TrainingProgress, load_training_state, save_training_state
 from blip2.training.tasks import MODEL_DIR, TASKS, TrainingTask
 from pipelines.common import job_parser, log, parse_config
@@ -70,8 +69,8 @@ def train_loop(payload: dict) -> None:
     model = task.prepare(task.build_model(), device, config.scaling.mixed_precision)
     step_module = ray.train.torch.prepare_model(task.step_module(model, rank, world_size, device))  # Ray: DDP
     trainable = task.trainable_module(model)
-    optimizer = build_optimizer(trainable, config.optim.learning_rate, config.optim.weight_decay)
-    scheduler = build_scheduler(optimizer, config.optim.warmup_steps, config.optim.max_steps)
+    runner = StepRunner(step_module, trainable, config, device)
+    optimizer, scheduler = runner.optimizer, runner.scheduler
     progress, history = TrainingProgress(), []
     checkpoint = ray.train.get_checkpoint()  # Ray: resume after a restart or a re-run
     if checkpoint:
@@ -83,50 +82,30 @@ def train_loop(payload: dict) -> None:
 
     started_at = progress.step  # kept in the history: shows where each (re)start picked up
     shard = ray.train.get_dataset_shard("train")  # Ray Data
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                              enabled=device.type == "cuda" and config.scaling.mixed_precision)
-    accumulate = config.optim.grad_accum_steps
-    parameters = [p for p in trainable.parameters() if p.requires_grad]
-    samples_per_step = config.optim.batch_size * accumulate * world_size
+    samples_per_step = config.optim.batch_size * config.optim.grad_accum_steps * world_size
     step_module.train()
     start = time.perf_counter()
-    micro, totals = 0, {}
     while progress.step < config.optim.max_steps:
         batches = shard.iter_batches(batch_size=config.optim.batch_size, batch_format="numpy", drop_last=True)
         for index, batch in enumerate(batches):
             if index < progress.batch_in_epoch:  # the resumed epoch: skip what was already trained on
                 continue
             rng = np.random.default_rng([config.seed, rank, progress.epoch, index])  # caption / task draws
-            inputs = {k: v.to(device) for k, v in task.make_batch(batch, rng).items()}
-            last = micro + 1 == accumulate
-            sync = contextlib.nullcontext() if last or not hasattr(step_module, "no_sync") else step_module.no_sync()
-            with sync:
-                with autocast:
-                    losses = step_module(**inputs)
-                (losses["loss"] / accumulate).backward()
-            for name, value in losses.items():
-                totals[name] = totals.get(name, 0.0) + value.item() / accumulate
-            micro += 1
+            totals = runner.micro_step({k: v.to(device) for k, v in task.make_batch(batch, rng).items()})
             progress.batch_in_epoch = index + 1
-            if not last:
+            if totals is None:  # accumulating
                 continue
-            if config.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(parameters, config.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             progress.step += 1
             elapsed = time.perf_counter() - start
             history.append({"step": progress.step, "started_at": started_at, "time": round(elapsed, 3), **totals})
             if rank == 0 and (progress.step % config.log_every == 0 or progress.step == 1):
                 log(f"[{task.stage}] step {progress.step}/{config.optim.max_steps} "
                     + " ".join(f"{k} {v:.3f}" for k, v in totals.items())
-                    + f" lr {scheduler.get_last_lr()[0]:.2e} ({elapsed:.0f}s, "
+                    + f" lr {runner.learning_rate:.2e} ({elapsed:.0f}s, "
                     + f"{samples_per_step * (progress.step - started_at) / max(elapsed, 1e-9):.0f} samples/s)")
             done = progress.step >= config.optim.max_steps
             if progress.step % config.checkpoint_every == 0 or done:
                 _report(rank, trainable, optimizer, scheduler, progress, history, totals)
-            micro, totals = 0, {}
             if done:
                 return
         progress.epoch += 1

@@ -78,6 +78,10 @@ class ToyBackbones:
 
     root: Path
 
+    def is_complete_toy_set(self) -> bool:
+        """Every part a built toy set has, its report included."""
+        return all((self.root / p).exists() for p in (*PARTS, "report.json"))
+
     @property
     def vision(self) -> Path:
         return self.root / "vision"
@@ -99,12 +103,15 @@ class ToyBackbones:
 
 
 def find_backbones(path: str | Path | None = None) -> ToyBackbones:
-    """The backbone set at ``path`` (default: the one shipped in the package), checked for completeness."""
+    """The backbone set at ``path`` (default: the one shipped in the package): a directory with
+    ``vision/`` (a ``Blip2VisionModel``) and ``qformer_tokenizer/`` (BERT WordPiece with ``[DEC]``), and
+    the LLMs a job uses, ``opt/`` and/or ``t5/`` (or an LLM path given to the job directly). A set of
+    real checkpoints is laid out the same way; a built toy set also has ``report.json``."""
     root = Path(path) if path else PACKAGED_BACKBONES
-    missing = [p for p in (*PARTS, "report.json") if not (root / p).exists()]
+    missing = [p for p in ("vision", "qformer_tokenizer") if not (root / p).exists()]
     if missing:
-        raise FileNotFoundError(f"no complete toy backbone set at {root} (missing {', '.join(missing)}); "
-                                f"build one with `blip2 backbones --out {root}`")
+        raise FileNotFoundError(f"no backbone set at {root} (missing {', '.join(missing)}); "
+                                f"build the toy one with `blip2 backbones --out {root}`")
     return ToyBackbones(root)
 
 

@@ -234,11 +234,12 @@ class Stage2Task(_GenerativeTask):
 
     def __init__(self, config: Stage2Config) -> None:
         super().__init__(config)
+        self.stage1_dir = resolve_model_dir(config.stage1, "stage 1")
         self.llm_path = {"opt": self.backbones.opt, "t5": self.backbones.t5}.get(config.llm, Path(config.llm))
         self.tokenizer = AutoTokenizer.from_pretrained(self.llm_path)
 
     def build_model(self) -> nn.Module:
-        state_dict, stage1_config = _stage1_state_dict(self.config.stage1)
+        state_dict, stage1_config = _stage1_state_dict(self.stage1_dir)
         qformer_config = copy.deepcopy(stage1_config.qformer_config)
         qformer_config.use_qformer_text_input = False  # stage 2 feeds the Q-Former no text
         torch.manual_seed(self.config.seed)

@@ -45,12 +45,15 @@ def test_unknown_subcommand_fails_with_usage(capsys):
     (train, Stage1Config, "stage1_toy.yaml"),
     (train, Stage2Config, "stage2_toy.yaml"),
     (train, InstructConfig, "instruct_toy.yaml"),
+    (train, Stage1Config, "stage1_gpu.yaml"),
+    (train, Stage2Config, "stage2_gpu.yaml"),
+    (train, InstructConfig, "instruct_gpu.yaml"),
 ])
 def test_shipped_configs_load_into_their_typed_config(module, config_cls, name, capsys):
     assert isinstance(load_config(config_cls, CONFIG_DIR / name), config_cls)
     stage = [s for s, (cls, _) in getattr(module, "TASKS", {}).items() if cls is config_cls]
     with pytest.raises(SystemExit) as exit_info:
-        module.main([*stage, "--print-config"])
+        module.main([*stage, "--config", str(CONFIG_DIR / name), "--print-config"])
     assert exit_info.value.code == 0
     printed = json.loads(capsys.readouterr().out)
     assert yaml.safe_load((CONFIG_DIR / name).read_text()).keys() <= printed.keys()

@@ -103,3 +103,49 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint
     assert restart[1] % every == 0 and restart[1] >= registered, (restart, registered)
     history = json.loads((_latest_registered(run_dir) / "history.json").read_text())
     assert [h["step"] for h in history] == list(range(1, total + 1))  # continuous: no gap, no repeat
+
+
+def test_stage1_stage2_instruct_chain_on_every_input_kind(tmp_path, ray_local):
+    """Each stage starts from the previous one's output: stage 1 from cached image features, stage 2 into
+    OPT from WebDataset and into T5 from Parquet, instruction tuning from CapFilt-style kept captions."""
+    runs = tmp_path / "runs"
+    assert train.main(["stage1", *small(tmp_path, **{"optim.max_steps": 3, "feature_cache": "true"})]) == 0
+    stage1 = runs / "stage1-toy"
+    assert (stage1 / "feature_cache" / "_COMPLETE.json").exists()
+    common = small(tmp_path)[:2] + ["world.web_size=40", "world.clean_size=64", "world.val_size=10",
+                                    "world.test_size=32", "world.novel_size=10", "optim.batch_size=8",
+                                    "optim.warmup_steps=1", "optim.max_steps=2", "checkpoint_every=2",
+                                    "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1"]
+    assert train.main(["stage2", *common, f"stage1={stage1}", "name=s2-opt", "eval_size=4"]) == 0
+    parquet = tmp_path / "world" / "parquet" / "clean"
+    assert train.main(["stage2", *common, f"stage1={stage1}", "name=s2-t5", "llm=t5", f"train_data={parquet}",
+                       "eval_size=4"]) == 0
+    for name in ("s2-opt", "s2-t5"):
+        report = json.loads((runs / name / "report.json").read_text())
+        assert report["steps"] == 2 and 0 <= report["headline"]["caption_accuracy"] <= 1
+        assert report["eval"]["num_images"] == 4
+
+    # CapFilt's kept output: a list of captions per record
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sorted(parquet.glob("*.parquet"))[0])
+    texts = table.column("text").to_pylist()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    pq.write_table(pa.table({"key": table.column("key"), "image": table.column("image"),
+                             "captions": [[t, t] for t in texts], "caption_sources": [["web", "synthetic"]] * len(texts),
+                             "caption_scores": [[0.9, 0.8]] * len(texts)}), kept / "part-0.parquet")
+    assert train.main(["instruct", *common, f"stage2={runs / 's2-opt'}", "name=inst", f"train_data={kept}",
+                       "eval_examples_per_task=2"]) == 0
+    report = json.loads((runs / "inst" / "report.json").read_text())
+    assert report["eval"]["num_examples"] == 2 * 6
+    assert {"accuracy/held_in", "accuracy/held_out"} <= set(report["headline"])
+    assert (runs / "inst" / "model" / "config.json").exists()
+
+
+def test_a_missing_previous_stage_exits_2_before_ray_starts(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["stage2", f"stage1={tmp_path / 'nothing'}", f"storage_path={tmp_path}"])
+    assert exit_info.value.code == 2
+    assert "run that job first" in capsys.readouterr().err
