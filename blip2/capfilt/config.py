@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 INPUT_FORMATS = ("webdataset", "parquet", "coco")
 IMAGE_MODES = ("bytes", "reference")
 BAD_CAPTION_POLICIES = ("drop", "reject")
+FILTER_SCORES = ("itm", "itc")
 
 
 @dataclass(frozen=True)
@@ -115,15 +116,21 @@ class FilterConfig:
     tokenizer: str = ""
     image_processor: str = ""
     dec_token_id: int = -1  # only for retrieval directories without our side file; -1: the tokenizer's [DEC]
-    threshold: float = 0.5  # ITM match probability a caption needs to be kept
+    # "itm": the ITM head's match probability, in [0, 1] (BLIP's filter); "itc": the cosine similarity of
+    # the ITC features, max over queries, in [-1, 1] (BLIP-2 ranked its captions by CLIP similarity).
+    score: str = "itm"
+    threshold: float = 0.5  # the score a caption needs to be kept
     top_n: int = 2  # then keep the best N (BLIP-2 keeps its top two)
     max_text_length: int = 32
     batch_size: int = 32
     actors: ActorConfig = field(default_factory=ActorConfig)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.threshold <= 1:
-            raise ValueError("filter.threshold must be in [0, 1]")
+        if self.score not in FILTER_SCORES:
+            raise ValueError(f"filter.score must be one of {FILTER_SCORES}, got {self.score!r}")
+        low = 0.0 if self.score == "itm" else -1.0
+        if not low <= self.threshold <= 1:
+            raise ValueError(f"filter.threshold must be in [{low:g}, 1] for score={self.score}")
         if self.top_n < 1 or self.batch_size < 1:
             raise ValueError("filter.top_n and filter.batch_size must be >= 1")
 

@@ -179,8 +179,9 @@ def check_sources(captioner: CaptionerConfig, scorer: FilterConfig) -> None:
 
 
 class CaptionFilter:
-    """Scores every candidate caption of an image (the web one and the synthetic ones) by ITM match
-    probability and keeps the best ``top_n`` at or above ``threshold``.
+    """Scores every candidate caption of an image (the web one and the synthetic ones) — by ITM match
+    probability, or by ITC similarity with ``score="itc"`` — and keeps the best ``top_n`` at or above
+    ``threshold``.
 
     Adds ``web_score`` (nan when there is no web caption), ``synthetic_scores`` (per synthetic caption,
     in the order of ``synthetic``), ``captions`` / ``caption_sources`` / ``caption_scores`` (the kept
@@ -195,7 +196,7 @@ class CaptionFilter:
 
     @torch.no_grad()
     def score(self, pixels: np.ndarray, texts: Sequence[Sequence[str]]) -> list[np.ndarray]:
-        """uint8 RGB (B, H, W, 3) and B lists of texts -> B float32 arrays of P(match)."""
+        """uint8 RGB (B, H, W, 3) and B lists of texts -> B float32 arrays of scores (P(match) or cosine)."""
         counts = [len(t) for t in texts]
         flat = [text for group in texts for text in group]
         if not flat:
@@ -204,9 +205,14 @@ class CaptionFilter:
         owner = torch.repeat_interleave(torch.arange(len(texts)), torch.tensor(counts)).to(self.device)  # (T,)
         tokens = self.tokenizer(flat, padding="max_length", truncation=True, max_length=self.config.max_text_length,
                                 return_tensors="pt").to(self.device)
-        probability = itm_probability(self.model, image_embeds[owner], tokens.input_ids, tokens.attention_mask,
-                                      batch_size=max(self.config.batch_size, 1) * 4)
-        return list(np.split(probability.float().cpu().numpy(), np.cumsum(counts)[:-1]))
+        if self.config.score == "itc":
+            image_features = self.model.image_features(image_embeds)[owner]  # (T, Q, D)
+            text_features = self.model.text_features(tokens.input_ids, tokens.attention_mask)  # (T, D)
+            score = torch.einsum("tqd,td->tq", image_features, text_features).max(dim=-1).values  # (T,)
+        else:
+            score = itm_probability(self.model, image_embeds[owner], tokens.input_ids, tokens.attention_mask,
+                                    batch_size=max(self.config.batch_size, 1) * 4)  # (T,)
+        return list(np.split(score.float().cpu().numpy(), np.cumsum(counts)[:-1]))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         ok = _ok(batch)

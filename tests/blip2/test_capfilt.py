@@ -219,3 +219,22 @@ def test_threshold_calibration_pairs_and_choice():
         assert caption_matches(good, record.attributes) and not caption_matches(bad, record.attributes)
     chosen = choose_threshold([0.9, 0.8, 0.7, 0.2, 0.1, 0.75], [True, True, True, False, False, False])
     assert chosen["threshold"] == pytest.approx(0.775) and (chosen["tp"], chosen["fp"], chosen["fn"]) == (3, 1, 0)
+
+
+def test_itc_score_is_the_models_own_similarity(records, tmp_path, one_thread):
+    import torch
+
+    rows = [r for r in _decoded(records[:1], "webdataset", tmp_path) if r["status"] == "ok"]
+    pixels = np.stack([r["pixels"] for r in rows])
+    texts = [["a small red circle on the left", "IMG_0412.JPG"]]
+    scorer = CaptionFilter(FilterConfig(score="itc", threshold=-1.0))
+    (scores,) = scorer.score(pixels, texts)
+    from blip2.capfilt.models import to_pixel_values
+    with torch.no_grad():
+        embeds = scorer.model.encode_images(to_pixel_values(pixels, scorer.image_processor))
+        tokens = scorer.tokenizer(texts[0], padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+        expected = scorer.model.itc_similarity(scorer.model.image_features(embeds),
+                                               scorer.model.text_features(tokens.input_ids, tokens.attention_mask))[0]
+    np.testing.assert_allclose(scores, expected.numpy(), atol=1e-5)
+    with pytest.raises(ValueError):
+        FilterConfig(score="itm", threshold=-0.5)
