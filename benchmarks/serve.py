@@ -4,8 +4,9 @@ HTTP overhead over a direct in-process call of the same runtime.
     python benchmarks/serve.py [--requests 400] [--max-new-tokens 8] [--out FILE.json]
 
 One local Ray instance, one Serve app at a time on loopback, the toy InstructBLIP preset on one model
-replica (autoscaling pinned to 1 so that only batching differs). For each app, ``/v1/answer`` requests
-(8 toy images, 4 instructions, greedy) at concurrency 1, 4 and 16: requests/s, p50 and p99 latency.
+replica (autoscaling pinned to 1 so that only batching differs). Both apps run side by side and are
+measured in alternating rounds: ``/v1/answer`` requests (8 toy images, 4 instructions, greedy) at
+concurrency 1, 4 and 16: requests/s, p50 and p99 latency.
 The overhead figure is the p50 of an HTTP request at concurrency 1 on the unbatched app minus the p50 of
 ``VisionLanguageRuntime.generate`` on one request in this process — the code the replica runs.
 """
@@ -62,8 +63,8 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values), q))
 
 
-async def run_load(url: str, bodies: list[dict], total: int, concurrency: int) -> dict[str, float]:
-    """``total`` POSTs to ``url``, ``concurrency`` at a time: requests/s and latency percentiles (ms)."""
+async def run_load(url: str, bodies: list[dict], total: int, concurrency: int) -> tuple[list[float], float, int]:
+    """``total`` POSTs to ``url``, ``concurrency`` at a time: latencies (ms), elapsed seconds, errors."""
     latencies: list[float] = []
     errors = 0
     queue = iter(range(total))
@@ -82,23 +83,27 @@ async def run_load(url: str, bodies: list[dict], total: int, concurrency: int) -
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    return {"requests_per_s": total / elapsed, "p50_ms": percentile(latencies, 50),
-            "p99_ms": percentile(latencies, 99), "errors": errors, "requests": total}
+    return latencies, elapsed, errors
 
 
-def measure_app(config: ServeConfig, name: str, bodies: list[dict], requests: int) -> dict[str, dict[str, float]]:
-    serve.run(application(config), name=name, route_prefix="/")
-    url = f"http://127.0.0.1:{config.http.port}/v1/answer"
-    results = {}
+def measure_apps(urls: dict[str, str], bodies: list[dict], requests: int, rounds: int) -> dict[str, dict]:
+    """Every app at every concurrency, in alternating rounds (A, B, A, B, ...) so that a change in the
+    machine's load (it is shared) hits both alike; figures pool the rounds."""
+    results: dict[str, dict] = {name: {} for name in urls}
     for concurrency in CONCURRENCY:
         total = requests if concurrency > 1 else max(requests // 4, 10)
-        results[str(concurrency)] = asyncio.run(run_load(url, bodies, total, concurrency))
-        r = results[str(concurrency)]
-        print(f"  {name:10s} concurrency {concurrency:2d}: {r['requests_per_s']:7.1f} req/s  "
-              f"p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  errors {r['errors']}", flush=True)
-    results["ingress_only_p50_ms"] = asyncio.run(get_p50(f"http://127.0.0.1:{config.http.port}/v1/models",
-                                                         max(requests // 4, 10)))
-    serve.delete(name)
+        pooled = {name: ([], 0.0, 0) for name in urls}
+        for _ in range(rounds):
+            for name, url in urls.items():
+                latencies, elapsed, errors = asyncio.run(run_load(url, bodies, max(total // rounds, 1), concurrency))
+                before = pooled[name]
+                pooled[name] = (before[0] + latencies, before[1] + elapsed, before[2] + errors)
+        for name, (latencies, elapsed, errors) in pooled.items():
+            r = results[name][str(concurrency)] = {
+                "requests_per_s": len(latencies) / elapsed, "p50_ms": percentile(latencies, 50),
+                "p99_ms": percentile(latencies, 99), "errors": errors, "requests": len(latencies)}
+            print(f"  {name:10s} concurrency {concurrency:2d}: {r['requests_per_s']:7.1f} req/s  "
+                  f"p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  errors {r['errors']}", flush=True)
     return results
 
 
@@ -139,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--requests", type=int, default=400, help="requests per measurement at concurrency 4 and 16")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=16, help="of the batched app")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per concurrency")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -155,12 +161,16 @@ def main(argv: list[str] | None = None) -> dict:
                "instruction": INSTRUCTIONS[i % len(INSTRUCTIONS)]} for i in range(32)]
     results: dict = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                      "max_new_tokens": args.max_new_tokens, "apps": {}}
+    urls = {}
     try:
         for name, batch in (("batched", args.max_batch_size), ("unbatched", 1)):
             config = load_config(ServeConfig, CONFIG_DIR / "serve_toy.yaml",
-                                 [*overrides, f"replica.max_batch_size={batch}"])
-            print(f"{name}: max_batch_size={batch}", flush=True)
-            results["apps"][name] = measure_app(config, name, bodies, args.requests)
+                                 [*overrides, f"replica.max_batch_size={batch}", f"http.app_name={name}"])
+            serve.run(application(config), name=name, route_prefix=f"/{name}")
+            urls[name] = f"http://127.0.0.1:{port}/{name}/v1/answer"
+        print(f"both apps up (max_batch_size {args.max_batch_size} and 1); {args.rounds} alternating rounds", flush=True)
+        results["apps"] = measure_apps(urls, bodies, args.requests, args.rounds)
+        ingress_only = asyncio.run(get_p50(f"http://127.0.0.1:{port}/unbatched/v1/models", max(args.requests // 4, 10)))
         direct = direct_p50_ms(config, images, args.max_new_tokens, repeats=max(args.requests // 4, 10))
     finally:
         serve.shutdown()
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["direct_p50_ms"] = direct
     results["http_p50_ms"] = unbatched["1"]["p50_ms"]
     results["http_overhead_p50_ms"] = unbatched["1"]["p50_ms"] - direct
-    results["ingress_only_p50_ms"] = unbatched["ingress_only_p50_ms"]
+    results["ingress_only_p50_ms"] = ingress_only
     print(f"batching speed-up at concurrency {top}: {results['batching_speedup_at_16']:.2f}x (goal >= 3x)")
     print(f"HTTP overhead p50: {results['http_overhead_p50_ms']:.1f} ms (HTTP {results['http_p50_ms']:.1f} ms, "
           f"in-process {direct:.1f} ms; goal <= 15 ms); proxy + ingress alone (GET /v1/models): "

@@ -16,7 +16,7 @@ def test_serve_benchmark_reports_both_apps_at_every_concurrency(ray_local, tmp_p
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
     out = tmp_path / "serve.json"
-    results = benchmark.main(["--requests", "8", "--max-new-tokens", "2", "--out", str(out)])
+    results = benchmark.main(["--requests", "8", "--rounds", "2", "--max-new-tokens", "2", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     for app in ("batched", "unbatched"):
         for concurrency in ("1", "4", "16"):
