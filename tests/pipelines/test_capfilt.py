@@ -107,11 +107,21 @@ def test_parquet_and_coco_inputs(ray_local, bad, tmp_path, fmt):
     assert all(ref for ref in kept.column("image_ref").to_pylist())
 
 
+@pytest.fixture(scope="module")
+def three_shards(tmp_path_factory):
+    """96 web records of the small world in three WebDataset shards of 32."""
+    from tests.conftest import SMALL_WORLD
+    from blip2.toyworld.corpus import generate_split, write_webdataset
+
+    root = tmp_path_factory.mktemp("three_shards")
+    write_webdataset(generate_split(SMALL_WORLD, "web")[:96], root, 32, SMALL_WORLD.image_size)
+    return root
+
+
 @pytest.mark.timeout(240)
-def test_resume_after_interruption_no_duplicates_no_gaps(ray_local, small_world, tmp_path):
-    root, _ = small_world  # web split: 300 records in 3 shards (128, 128, 44)
+def test_resume_after_interruption_no_duplicates_no_gaps(ray_local, three_shards, tmp_path):
     out = tmp_path / "out"
-    config = fast_config(input=InputConfig(path=str(root / "webdataset" / "web")), output=str(out))
+    config = fast_config(input=InputConfig(path=str(three_shards)), output=str(out))
     assert capfilt.run(replace(config, max_shards=1)) is None  # interrupted after one shard
     assert sorted(p.stem for p in (out / "_done").glob("*.json")) == ["00000"]
     first = (out / "kept" / "00000.parquet").read_bytes()
@@ -121,11 +131,11 @@ def test_resume_after_interruption_no_duplicates_no_gaps(ray_local, small_world,
     (out / "kept" / "00001.parquet").write_bytes(first)
 
     report = capfilt.run(config)
-    assert report["invariant_holds"] and report["counts"]["input"] == 300 and report["shards"] == 3
+    assert report["invariant_holds"] and report["counts"]["input"] == 96 and report["shards"] == 3
     keys = kept_keys(out)
     assert len(keys) == len(set(keys)) == report["counts"]["kept"]
     everything = keys + table(out, "filtered").column("key").to_pylist() + table(out, "rejected").column("key").to_pylist()
-    assert sorted(everything) == [f"web_{i:06d}" for i in range(300)]  # no gap, no duplicate
+    assert sorted(everything) == [f"web_{i:06d}" for i in range(96)]  # no gap, no duplicate
     assert (out / "kept" / "00000.parquet").read_bytes() == first  # the finished shard was not redone
     assert not list((out / "kept").glob(".*.tmp"))
 
