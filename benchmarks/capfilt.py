@@ -59,7 +59,7 @@ def single_process(config: CapFiltConfig, threads: int) -> dict:
                 for part in _chunks(batch, config.captioner.batch_size):
                     for scored in map(scorer, _chunks(captioner(part), config.filter.batch_size)):
                         records += sum(m["input"] for m in collector.add(scored))
-        report = build_report(config.output, [s.name for s in shards], config.filter.threshold)
+        report = build_report(config.output, [s.name for s in shards], config.filter.threshold, score=config.filter.score)
         seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(previous)

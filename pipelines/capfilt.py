@@ -136,7 +136,7 @@ def run(config: CapFiltConfig) -> dict | None:
     report = build_report(out, [s.name for s in shards], config.filter.threshold,
                           {"this_run": {"records": records, "seconds": elapsed,
                                         "records_per_second": records / elapsed if elapsed > 0 else None},
-                           "config": to_dict(config)})
+                           "config": to_dict(config)}, score=config.filter.score)
     for line in summary_lines(report):
         log(line)
     log(f"outputs in {out}: kept/ filtered/ rejected/ scores/ report.json scores.png")

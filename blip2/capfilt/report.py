@@ -82,7 +82,8 @@ def filter_quality(web_scores: list, ground_truth: list, threshold: float) -> di
     return {"records": len(pairs), **filter_precision_recall(flagged, [not g for _, g in pairs])}
 
 
-def build_report(out: str | Path, shards: list[str], threshold: float, extra: dict | None = None) -> dict:
+def build_report(out: str | Path, shards: list[str], threshold: float, extra: dict | None = None,
+                 score: str = "itm") -> dict:
     """Check the accounting, summarise, write ``report.json`` and ``scores.png``; return the report."""
     out = Path(out)
     counts = check_accounting(out, shards)
@@ -109,6 +110,7 @@ def build_report(out: str | Path, shards: list[str], threshold: float, extra: di
         "web_caption_issues": dict(sorted(issues.items())),
         "kept_captions": {"web": web_kept, "synthetic": synthetic_kept},
         "duplicates_dropped": duplicates,
+        "score": score,
         "threshold": threshold,
         "scores": {"web": _summary(web), "synthetic": _summary(synthetic)},
         "filter_quality": filter_quality(scores["web_score"], scores["ground_truth"], threshold),
@@ -116,11 +118,12 @@ def build_report(out: str | Path, shards: list[str], threshold: float, extra: di
         **(extra or {}),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_scores(web, synthetic, scores["ground_truth"], threshold, out / "scores.png")
+    plot_scores(web, synthetic, scores["ground_truth"], threshold, out / "scores.png", score)
     return report
 
 
-def plot_scores(web: np.ndarray, synthetic: np.ndarray, ground_truth: list, threshold: float, path: Path) -> Path:
+def plot_scores(web: np.ndarray, synthetic: np.ndarray, ground_truth: list, threshold: float, path: Path,
+                score: str = "itm") -> Path:
     """Histogram of ITM match probabilities: web captions (split by ground truth when known) and
     synthetic ones, with the threshold."""
     import matplotlib
@@ -128,7 +131,9 @@ def plot_scores(web: np.ndarray, synthetic: np.ndarray, ground_truth: list, thre
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bins = np.linspace(0, 1, 41)
+    values = np.concatenate([web[~np.isnan(web)], synthetic])
+    low = min(0.0, float(np.floor(values.min() * 10) / 10)) if len(values) else 0.0  # ITC can be negative
+    bins = np.linspace(low, 1, 41)
     figure, axis = plt.subplots(figsize=(7, 4))
     truth = np.array([g for g in ground_truth], dtype=object)
     known = np.array([g is not None for g in truth], dtype=bool)
@@ -141,7 +146,7 @@ def plot_scores(web: np.ndarray, synthetic: np.ndarray, ground_truth: list, thre
     if len(synthetic):
         axis.hist(synthetic, bins, histtype="step", linewidth=1.5, linestyle=":", label="synthetic captions")
     axis.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:g}")
-    axis.set_xlabel("ITM match probability")
+    axis.set_xlabel("ITM match probability" if score == "itm" else "ITC similarity (cosine, max over queries)")
     axis.set_yscale("log")  # synthetic captions outnumber web ones K to 1; the tails are what matter
     axis.set_ylabel("captions (log scale)")
     axis.set_title("CapFilt filter scores")
@@ -164,10 +169,10 @@ def summary_lines(report: dict) -> list[str]:
         lines.append("web caption issues: " + ", ".join(f"{k} {v}" for k, v in report["web_caption_issues"].items()))
     web = report["scores"]["web"]
     if web.get("count"):
-        lines.append(f"web caption ITM: mean {web['mean']:.3f}, median {web['p50']:.3f} over {web['count']}")
+        lines.append(f"web caption {report.get('score', 'itm').upper()}: mean {web['mean']:.3f}, median {web['p50']:.3f} over {web['count']}")
     quality = report["filter_quality"]
     if quality:
-        lines.append(f"filter (flagging wrong alt-texts at threshold {report['threshold']:g}, {quality['records']} "
+        lines.append(f"filter (flagging wrong alt-texts, {report.get('score', 'itm')} >= {report['threshold']:g} kept, {quality['records']} "
                      f"records with ground truth): precision {quality['precision']:.3f}, recall {quality['recall']:.3f}, "
                      f"F1 {quality['f1']:.3f}")
     return lines
