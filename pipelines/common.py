@@ -54,3 +54,16 @@ def parse_config(parser: argparse.ArgumentParser, config_cls: type[T], argv: Seq
 def log(message: str) -> None:
     """Progress output of long jobs: one flushed line each, so `ray job logs` shows it as it happens."""
     print(message, flush=True)
+
+
+def quiet_progress_bars() -> None:
+    """Off a terminal (``ray job logs``, CI, a redirected file), turn off Ray Data's progress bars and
+    transformers' weight-loading bars: they redraw many times a second and bury the job's own one-line
+    progress under megabytes of carriage returns. On a terminal they stay."""
+    if sys.stderr.isatty():
+        return
+    import ray.data
+    from transformers.utils import logging as transformers_logging
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    transformers_logging.disable_progress_bar()

@@ -45,7 +45,7 @@ from blip2.training.features import FrozenImageEncoder
 from blip2.training.loop import StepRunner
 from blip2.training.state import TRAINABLE, TrainingProgress, load_training_state, save_training_state
 from blip2.training.tasks import MODEL_DIR, TASKS, TrainingTask
-from pipelines.common import job_parser, log, parse_config
+from pipelines.common import job_parser, log, parse_config, quiet_progress_bars
 from pipelines.toyworld import ToyWorldJobConfig, ensure_toyworld
 
 HISTORY = "history.json"  # loss curve, kept in every checkpoint so a resumed run continues it
@@ -61,6 +61,7 @@ def train_loop(payload: dict) -> None:
     """Runs on every Ray Train worker: ``payload`` is ``{"stage": ..., "config": <config as a dict>}``."""
     config_cls, task_cls = TASKS[payload["stage"]]
     config = from_dict(config_cls, payload["config"])
+    quiet_progress_bars()
     torch.set_num_threads(_threads(config, config.scaling.cpus_per_worker))
     context = ray.train.get_context()  # Ray
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -188,7 +189,8 @@ def fit(stage: str, config: TrainConfig, task: TrainingTask | None = None) -> Pa
         train_loop,
         train_loop_config={"stage": stage, "config": to_dict(config)},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=scaling.placement_strategy),
         run_config=ray.train.RunConfig(name=config.name, storage_path=str(Path(config.storage_path).resolve()),
                                        failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(
@@ -246,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_cls, task_cls = TASKS[stage]
     parser = job_parser(f"blip2 train {stage}", config_cls.__doc__, DEFAULT_CONFIGS[stage])
     config, _ = parse_config(parser, config_cls, argv[1:])
+    quiet_progress_bars()
     try:  # the inputs (the previous stage's output, the data) are checked before Ray starts
         task = task_cls(config)
         if config.feature_cache and task.stage != "stage1":

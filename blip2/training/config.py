@@ -43,10 +43,14 @@ class ScalingSettings:
     gpus_per_worker: float = 1.0  # with use_gpu
     torch_threads: int = 0  # intra-op threads per worker; 0: as many as the worker's CPUs (at least 1)
     mixed_precision: bool = True  # bf16 autocast and half-precision backbones on GPU; always fp32 on CPU
+    placement_strategy: str = "PACK"  # "SPREAD": one worker per node where possible
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.cpus_per_worker <= 0 or self.torch_threads < 0:
             raise ValueError("num_workers must be >= 1, cpus_per_worker > 0 and torch_threads >= 0")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+                             f"got {self.placement_strategy!r}")
 
 
 @dataclass(frozen=True)
