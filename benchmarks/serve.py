@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # never join a running cluster
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     overrides = [f"http.port={port}", "replica.num_cpus=0.5", "http.ingress_num_cpus=0.1", "model.retrieval=",

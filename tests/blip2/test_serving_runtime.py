@@ -3,7 +3,6 @@ its requests do one by one, and exported directories load through the same code 
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from blip2.models.export import export_blip2, export_instructblip, export_stage1

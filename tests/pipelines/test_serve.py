@@ -7,7 +7,6 @@ test config shortens the autoscaling delays so that scaling happens within secon
 import asyncio
 import base64
 import io
-import json
 import socket
 import time
 
