@@ -41,6 +41,7 @@ from blip2.models.export import load_trainable
 from blip2.reporting import plot_curves
 from blip2.toyworld.corpus import generate_split
 from blip2.training.config import TrainConfig
+from blip2.training.data import drop_uncaptioned
 from blip2.training.features import FrozenImageEncoder
 from blip2.training.loop import StepRunner
 from blip2.training.state import TRAINABLE, TrainingProgress, load_training_state, save_training_state
@@ -141,11 +142,14 @@ def training_data(config: TrainConfig) -> ray.data.Dataset:
     tars = [str(p) for p in files if p.suffix == ".tar"]
     parquets = [str(p) for p in files if p.suffix == ".parquet"]
     if tars and not parquets:
-        return ray.data.read_webdataset(tars)  # Ray Data
-    if parquets and not tars:
-        return ray.data.read_parquet(parquets)  # Ray Data: toy-world Parquet or CapFilt's kept output
-    raise ValueError(f"{source}: expected WebDataset .tar shards or .parquet files (not both), "
+        data = ray.data.read_webdataset(tars)  # Ray Data
+    elif parquets and not tars:
+        data = ray.data.read_parquet(parquets)  # Ray Data: toy-world Parquet or CapFilt's kept output
+    else:
+        raise ValueError(f"{source}: expected WebDataset .tar shards or .parquet files (not both), "
                      f"found {len(tars)} tar and {len(parquets)} parquet")
+    # a web corpus has records without a usable alt-text; nothing can be trained on them
+    return data.map_batches(drop_uncaptioned, batch_format="numpy", udf_modifying_row_count=True)
 
 
 def feature_cache(config: TrainConfig, task: TrainingTask, data: ray.data.Dataset) -> ray.data.Dataset:

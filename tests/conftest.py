@@ -25,7 +25,7 @@ def ray_local():
     More logical CPUs than the two cores: Ray Data read tasks must never be starved by actors
     (ENVIRONMENT.md, the silent-deadlock trap)."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # never join a `ray start` cluster
     yield ray
     ray.shutdown()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -48,6 +49,7 @@ def stage1_batch(images: np.ndarray | Sequence[np.ndarray], texts: Sequence[str]
 
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image")  # WebDataset extensions, then Parquet's column
 TEXT_COLUMNS = ("captions", "txt", "text", "caption")  # CapFilt's kept list first, then single alt-texts
+CAPTIONS_JSON = "captions_json"  # a list of captions as JSON text (the feature cache's Parquet-safe form)
 
 
 def _column(batch: Mapping[str, Any], names: Sequence[str], what: str) -> Any:
@@ -78,16 +80,36 @@ def batch_images(batch: Mapping[str, Any], image_size: int) -> np.ndarray:
     return np.stack(images)
 
 
+def _texts(value: Any) -> list[str]:
+    if value is None:
+        return []
+    texts = [value] if isinstance(value, str) else [str(v) for v in value]
+    return [t for t in texts if t.strip()]
+
+
 def caption_choices(batch: Mapping[str, Any]) -> list[list[str]]:
-    """Every record's candidate captions: CapFilt's kept list, or the one alt-text."""
-    choices = []
-    for value in _column(batch, TEXT_COLUMNS, "caption"):
-        texts = [value] if isinstance(value, str) else [str(v) for v in value]
-        texts = [t for t in texts if t.strip()]
-        if not texts:
-            raise ValueError("a training record has no caption")
-        choices.append(texts)
+    """Every record's candidate captions: CapFilt's kept list, or the one alt-text. Records without any
+    are removed before training (:func:`drop_uncaptioned`); here they are an error."""
+    if CAPTIONS_JSON in batch:
+        choices = [_texts(json.loads(v)) for v in batch[CAPTIONS_JSON]]
+    else:
+        choices = [_texts(v) for v in _column(batch, TEXT_COLUMNS, "caption")]
+    if not all(choices):
+        raise ValueError("a training record has no caption (filter the data with drop_uncaptioned)")
     return choices
+
+
+def drop_uncaptioned(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch without records that have no usable caption (missing, empty or blank alt-text, or an
+    empty CapFilt list): a web corpus has them, and they cannot be trained on."""
+    column = next((name for name in (CAPTIONS_JSON, *TEXT_COLUMNS) if name in batch), None)
+    if column is None:
+        raise KeyError(f"no caption column in the training data: expected one of {', '.join(TEXT_COLUMNS)}")
+    values = batch[column]
+    keep = np.array([bool(_texts(json.loads(v) if column == CAPTIONS_JSON else v)) for v in values], dtype=bool)
+    if keep.all():
+        return batch
+    return {name: np.asarray(value)[keep] for name, value in batch.items()}
 
 
 def sample_captions(choices: Sequence[Sequence[str]], rng: np.random.Generator) -> list[str]:

@@ -9,6 +9,7 @@ once, and trains from that. Training from the cache gives the same losses as tra
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from transformers import Blip2VisionModel
 
 from blip2.backbones.vision import pixel_values
-from blip2.training.data import TEXT_COLUMNS, batch_images
+from blip2.training.data import CAPTIONS_JSON, TEXT_COLUMNS, batch_images
 
 
 class FrozenImageEncoder:
@@ -41,4 +42,6 @@ class FrozenImageEncoder:
         for name in (*TEXT_COLUMNS, "key", "__key__"):
             if name in batch:
                 out[name] = batch[name]
+        if "captions" in out:  # lists of captions (CapFilt output) as JSON text: Parquet-safe, no pickling
+            out[CAPTIONS_JSON] = np.array([json.dumps([str(c) for c in v]) for v in out.pop("captions")], dtype=object)
         return out

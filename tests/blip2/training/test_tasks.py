@@ -11,7 +11,7 @@ from blip2.models.export import import_pretrained, import_stage1
 from blip2.toyworld.corpus import ToyWorldConfig, generate_split
 from blip2.toyworld.world import decode_image
 from blip2.training.config import InstructConfig, Stage1Config, Stage1ModelConfig, Stage2Config, TaskSizes
-from blip2.training.data import caption_choices, sample_captions, task_mixture
+from blip2.training.data import CAPTIONS_JSON, caption_choices, drop_uncaptioned, sample_captions, task_mixture
 from blip2.training.features import FrozenImageEncoder
 from blip2.training.tasks import InstructTask, Stage1Task, Stage2Task, resolve_model_dir
 
@@ -143,3 +143,21 @@ def test_a_missing_previous_stage_is_a_clear_error(tmp_path):
         resolve_model_dir(tmp_path / "nowhere", "stage 1")
     with pytest.raises(FileNotFoundError, match="stage 2"):
         InstructTask(InstructConfig(world=WORLD, stage2=str(tmp_path)))
+
+
+def test_records_without_a_caption_are_dropped_not_fatal(records):
+    batch = layouts(records)["parquet"]
+    batch["text"] = np.array(["", *[r.alt_text for r in records[1:-1]], None], dtype=object)
+    kept = drop_uncaptioned(batch)
+    assert len(kept["text"]) == len(records) - 2 and len(kept["image"]) == len(records) - 2
+    with pytest.raises(ValueError, match="no caption"):
+        caption_choices(batch)
+
+
+def test_feature_cache_of_capfilt_output_keeps_every_caption_parquet_safe(records):
+    task = Stage1Task(Stage1Config(world=WORLD))
+    batch = layouts(records)["capfilt"]
+    cached = FrozenImageEncoder(task.backbones.vision)(batch)
+    assert cached[CAPTIONS_JSON].dtype == object and isinstance(cached[CAPTIONS_JSON][0], str)  # no pickled lists
+    assert caption_choices(cached) == caption_choices(batch)
+    assert len(drop_uncaptioned(cached)[CAPTIONS_JSON]) == len(records)
