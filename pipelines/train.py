@@ -22,6 +22,7 @@ layout: ``Blip2ForImageTextRetrieval``, ``Blip2ForConditionalGeneration`` or
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -181,8 +182,23 @@ def feature_cache(config: TrainConfig, task: TrainingTask, data: ray.data.Datase
 # The job
 
 
+PATH_FIELDS = ("storage_path", "toyworld", "train_data", "backbones", "stage1", "stage2", "llm")
+
+
+def absolute_paths(config: TrainConfig) -> TrainConfig:
+    """``config`` with every path made absolute: Ray Train workers do not run in the driver's directory,
+    so a relative path (``stage1=runs/train/stage1-toy``) would name nothing there."""
+    changes = {name: str(Path(value).resolve()) for name in PATH_FIELDS
+               if (value := getattr(config, name, "")) and not (name == "llm" and value in ("opt", "t5"))}
+    model = getattr(config, "model", None)
+    if model is not None and getattr(model, "bert_path", ""):
+        changes["model"] = dataclasses.replace(model, bert_path=str(Path(model.bert_path).resolve()))
+    return dataclasses.replace(config, **changes)
+
+
 def fit(stage: str, config: TrainConfig, task: TrainingTask | None = None) -> Path:
     """Train on Ray Train, then evaluate and export on the driver. Returns the output directory."""
+    config = absolute_paths(config)
     task = task or TASKS[stage][1](config)
     data = training_data(config)
     if config.feature_cache:

@@ -149,3 +149,13 @@ def test_a_missing_previous_stage_exits_2_before_ray_starts(tmp_path, capsys):
         train.main(["stage2", f"stage1={tmp_path / 'nothing'}", f"storage_path={tmp_path}"])
     assert exit_info.value.code == 2
     assert "run that job first" in capsys.readouterr().err
+
+
+def test_relative_paths_reach_the_workers_absolute(tmp_path, monkeypatch):
+    """Ray Train workers run elsewhere than the driver: every path in the config they get is absolute."""
+    from blip2.training.config import Stage2Config
+
+    monkeypatch.chdir(tmp_path)
+    config = train.absolute_paths(Stage2Config(stage1="runs/train/stage1-toy", storage_path="runs/train", llm="t5"))
+    assert config.stage1 == str(tmp_path / "runs/train/stage1-toy") and config.storage_path == str(tmp_path / "runs/train")
+    assert config.llm == "t5" and config.backbones == ""  # names and empty paths stay as they are
