@@ -21,10 +21,10 @@ demo: setup
 	$(BIN)/blip2 demo
 
 test: setup
-	$(BIN)/python -m pytest
-
-test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
 
 clean:
 	rm -rf runs .pytest_cache
