@@ -33,15 +33,20 @@ def match_ids(texts: Sequence[str]) -> torch.Tensor:
     return torch.tensor(keys, dtype=torch.int64)
 
 
-def stage1_batch(images: np.ndarray | Sequence[np.ndarray], texts: Sequence[str],
-                 tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict[str, torch.Tensor]:
-    """uint8 images (B, H, W, 3) and captions -> ``pixel_values`` (B, 3, H, W), ``input_ids`` and
-    ``attention_mask`` (B, max_length: padded to a fixed length, since ITM gathers them across
-    workers), and ``ids`` (B,) from :func:`match_ids`."""
+def stage1_text_inputs(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase,
+                       max_length: int) -> dict[str, torch.Tensor]:
+    """Captions -> ``input_ids`` and ``attention_mask`` (B, max_length: padded to a fixed length, since ITM
+    gathers them across workers), and ``ids`` (B,) from :func:`match_ids`."""
     text = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
                      return_tensors="pt")
-    return {"pixel_values": pixel_values(np.stack(list(images))), "input_ids": text.input_ids,
-            "attention_mask": text.attention_mask, "ids": match_ids(texts)}
+    return {"input_ids": text.input_ids, "attention_mask": text.attention_mask, "ids": match_ids(texts)}
+
+
+def stage1_batch(images: np.ndarray | Sequence[np.ndarray], texts: Sequence[str],
+                 tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict[str, torch.Tensor]:
+    """uint8 images (B, H, W, 3) and captions -> ``pixel_values`` (B, 3, H, W) and
+    :func:`stage1_text_inputs`."""
+    return {"pixel_values": pixel_values(np.stack(list(images))), **stage1_text_inputs(texts, tokenizer, max_length)}
 
 
 # ---------------------------------------------------------------------------------------------------

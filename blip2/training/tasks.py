@@ -11,6 +11,7 @@ benchmark's single-process baseline does).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -50,8 +51,8 @@ from blip2.training.config import InstructConfig, Stage1Config, Stage2Config, Tr
 from blip2.training.data import (
     batch_images,
     caption_choices,
-    match_ids,
     sample_captions,
+    stage1_text_inputs,
     task_mixture,
 )
 
@@ -95,8 +96,9 @@ class TrainingTask(ABC):
         return model
 
     # -- data ---------------------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def image_size(self) -> int:
+        """The frozen image encoder's input size (read once: every batch needs it)."""
         return AutoConfig.from_pretrained(self.backbones.vision).image_size
 
     @abstractmethod
@@ -159,10 +161,7 @@ class Stage1Task(TrainingTask):
 
     def make_batch(self, batch, rng):
         texts = sample_captions(caption_choices(batch), rng)
-        # Fixed-length text: ITM gathers token ids across workers, which needs equal shapes.
-        text = self.tokenizer(texts, padding="max_length", truncation=True,
-                              max_length=self.config.model.max_text_length, return_tensors="pt")
-        inputs = {"input_ids": text.input_ids, "attention_mask": text.attention_mask, "ids": match_ids(texts)}
+        inputs = stage1_text_inputs(texts, self.tokenizer, self.config.model.max_text_length)
         if "image_embeds" in batch:  # the frozen-feature cache
             inputs["image_embeds"] = torch.from_numpy(np.stack(list(batch["image_embeds"]))).float()
         else:
@@ -200,9 +199,6 @@ class _GenerativeTask(TrainingTask):
 
     def step_module(self, model, rank, world_size, device):
         return _LmStep(model)
-
-    def trainable_module(self, model):
-        return model  # a Blip2Stage2: only query_tokens, qformer and language_projection require grad
 
     def prepare(self, model, device, mixed_precision):
         model = super().prepare(model, device, mixed_precision)
