@@ -2,7 +2,8 @@
 
 Every job has exactly one config class; its defaults live in the dataclass, YAML files only change
 them, and ``__post_init__`` validates. Unknown keys and wrong types are errors that name the key, so a
-typo in a YAML file or on the command line fails at load time instead of being ignored.
+typo in a YAML file or on the command line fails at load time instead of being ignored. A field that is
+a list of strings also takes one string, as a list of one.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping for {annotation.__name__}, got {value!r}")
         return from_dict(annotation, value, prefix=f"{key}.")
     if origin in (tuple, list):
+        if isinstance(value, str) and typing.get_args(annotation)[:1] == (str,):
+            value = [value]  # a list of strings may be given as one string (`train_data=DIR`)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         args = typing.get_args(annotation)

@@ -57,11 +57,13 @@ class ScalingSettings:
 class TrainConfig:
     """What every training job shares.
 
-    The training data is ``train_data`` when set — a directory (or one file) of WebDataset ``.tar``
-    shards in img2dataset's layout, Parquet shards with ``image`` bytes and ``text``, or CapFilt's
-    ``kept`` Parquet output (``captions`` lists; one kept caption is sampled per record per step) —
-    else the toy world's ``train_split`` under ``toyworld`` (written with ``world`` if missing).
-    Held-out evaluation always uses the toy world's ``eval_split``, whose ground truth it needs.
+    The training data is ``train_data`` when set: one or more sources, each a directory (or one file)
+    of WebDataset ``.tar`` shards in img2dataset's layout, Parquet shards with ``image`` bytes and
+    ``text``, or CapFilt's ``kept`` Parquet output (``captions`` lists; one kept caption is sampled per
+    record per step); several sources train as one shuffled mix (e.g. a clean set plus CapFilt's output
+    of a web crawl). Else it is the toy world's ``train_split`` under ``toyworld`` (written with
+    ``world`` if missing). Held-out evaluation always uses the toy world's ``eval_split``, whose ground
+    truth it needs.
     """
 
     name: str = "train"
@@ -69,12 +71,13 @@ class TrainConfig:
     toyworld: str = "runs/toyworld"
     world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
     train_split: str = "clean"
-    train_data: str = ""
+    train_data: tuple[str, ...] = ()  # one path (`train_data=DIR`) or a list (`train_data=[DIR1,DIR2]`)
     eval_split: str = "test"
     backbones: str = ""  # empty: the toy backbones shipped in the package
     optim: OptimConfig = field(default_factory=OptimConfig)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     feature_cache: bool = False  # precompute the frozen image encoder's outputs once (Ray Data) and train on them
+    shuffle_buffer: int = 1000  # records each worker shuffles locally every epoch (with block order randomised); 0: off
     checkpoint_every: int = 100
     checkpoints_to_keep: int = 2
     max_failures: int = 2
@@ -84,6 +87,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("checkpoint_every and log_every must be >= 1")
+        if self.shuffle_buffer < 0:
+            raise ValueError("shuffle_buffer must be >= 0")
 
     @property
     def output(self) -> Path:

@@ -92,13 +92,18 @@ def _texts(value: Any) -> list[str]:
     return [t for t in texts if t.strip()]
 
 
+def _candidates(batch: Mapping[str, Any]) -> list[list[str]]:
+    """Every record's usable captions (possibly none): CapFilt's kept list, or the one alt-text."""
+    if CAPTIONS_JSON in batch:
+        return [_texts(json.loads(v)) for v in batch[CAPTIONS_JSON]]
+    return [_texts(v) for v in _column(batch, TEXT_COLUMNS, "caption")]
+
+
 def caption_choices(batch: Mapping[str, Any]) -> list[list[str]]:
     """Every record's candidate captions: CapFilt's kept list, or the one alt-text. Records without any
-    are removed before training (:func:`drop_uncaptioned`); here they are an error."""
-    if CAPTIONS_JSON in batch:
-        choices = [_texts(json.loads(v)) for v in batch[CAPTIONS_JSON]]
-    else:
-        choices = [_texts(v) for v in _column(batch, TEXT_COLUMNS, "caption")]
+    are removed before training (:func:`training_records`, :func:`drop_uncaptioned`); here they are an
+    error."""
+    choices = _candidates(batch)
     if not all(choices):
         raise ValueError("a training record has no caption (filter the data with drop_uncaptioned)")
     return choices
@@ -107,14 +112,29 @@ def caption_choices(batch: Mapping[str, Any]) -> list[list[str]]:
 def drop_uncaptioned(batch: dict[str, Any]) -> dict[str, Any]:
     """The batch without records that have no usable caption (missing, empty or blank alt-text, or an
     empty CapFilt list): a web corpus has them, and they cannot be trained on."""
-    column = next((name for name in (CAPTIONS_JSON, *TEXT_COLUMNS) if name in batch), None)
-    if column is None:
-        raise KeyError(f"no caption column in the training data: expected one of {', '.join(TEXT_COLUMNS)}")
-    values = batch[column]
-    keep = np.array([bool(_texts(json.loads(v) if column == CAPTIONS_JSON else v)) for v in values], dtype=bool)
+    keep = np.array([bool(texts) for texts in _candidates(batch)], dtype=bool)
     if keep.all():
         return batch
     return {name: np.asarray(value)[keep] for name, value in batch.items()}
+
+
+def training_records(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A batch of any supported layout -> the two columns training reads: ``image`` (as it came: encoded
+    bytes or decoded uint8 arrays) and ``captions_json`` (each record's candidate captions as JSON text),
+    without the records that have no usable caption.
+
+    Every source of a training mix is brought to these columns, so that several corpora (a clean set and
+    CapFilt's output of a web crawl, as BLIP bootstraps) are read as one dataset."""
+    choices = _candidates(batch)
+    keep = np.array([bool(texts) for texts in choices], dtype=bool)
+    images = _column(batch, IMAGE_COLUMNS, "image")
+    if isinstance(images, np.ndarray) and images.dtype != object:  # decoded images of one size, (B, H, W, 3)
+        kept_images = images[keep]
+    else:  # encoded bytes (or arrays of differing sizes), one object each
+        kept_images = np.empty(int(keep.sum()), dtype=object)
+        kept_images[:] = [value for value, k in zip(images, keep, strict=True) if k]
+    return {"image": kept_images,
+            CAPTIONS_JSON: np.array([json.dumps(texts) for texts in choices if texts], dtype=object)}
 
 
 def sample_captions(choices: Sequence[Sequence[str]], rng: np.random.Generator) -> list[str]:

@@ -39,7 +39,7 @@ class FrozenImageEncoder:
         pixels = pixel_values(batch_images(batch, self.image_size)).to(self.device)
         embeds = self.model(pixel_values=pixels).last_hidden_state.float().cpu().numpy()
         out: dict[str, Any] = {"image_embeds": embeds}
-        for name in (*TEXT_COLUMNS, "key", "__key__"):
+        for name in (CAPTIONS_JSON, *TEXT_COLUMNS, "key", "__key__"):
             if name in batch:
                 out[name] = batch[name]
         if "captions" in out:  # lists of captions (CapFilt output) as JSON text: Parquet-safe, no pickling

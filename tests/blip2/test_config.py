@@ -32,6 +32,12 @@ def test_defaults_yaml_then_overrides(tmp_path):
     assert load_config(Outer) == Outer()
 
 
+def test_one_string_is_a_list_of_one_string():
+    assert load_config(Outer, None, ["inner.names=only"]).inner.names == ("only",)
+    with pytest.raises(ConfigError, match="inner.steps: expected an integer"):
+        load_config(Outer, None, ["inner.steps=[1]"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("inner.stepz=3", "unknown key.*inner.stepz"),
     ("inner.steps=many", "inner.steps: expected an integer"),
