@@ -36,7 +36,7 @@ from blip2.capfilt.readers import Shard, list_shards
 from blip2.capfilt.records import shard_batches
 from blip2.capfilt.report import AccountingError, build_report, summary_lines
 from blip2.config import from_dict, to_dict
-from pipelines.common import job_parser, log, parse_config
+from pipelines.common import init_ray, job_parser, log, parse_config, quiet_progress_bars
 
 
 def decode_shards(batch: dict[str, np.ndarray], input_config: dict, validation: dict, image_size: int,
@@ -52,6 +52,7 @@ class CaptionerActor:
     """Ray Data callable class: one captioner per actor, loaded once."""
 
     def __init__(self, config: dict, torch_threads: int, device: str) -> None:
+        quiet_progress_bars()
         torch.set_num_threads(torch_threads)
         self.captioner = Captioner(from_dict(CaptionerConfig, config), device)
 
@@ -63,6 +64,7 @@ class FilterActor:
     """Ray Data callable class: one ITM filter per actor, loaded once."""
 
     def __init__(self, config: dict, torch_threads: int, device: str) -> None:
+        quiet_progress_bars()
         torch.set_num_threads(torch_threads)
         self.filter = CaptionFilter(from_dict(FilterConfig, config), device)
 
@@ -116,8 +118,7 @@ def run(config: CapFiltConfig) -> dict | None:
     start = time.perf_counter()
     records = 0
     if pending:
-        if not ray.is_initialized():
-            ray.init()  # Ray: RAY_ADDRESS selects a cluster; otherwise a local instance
+        init_ray()  # RAY_ADDRESS (ray job submit) selects a cluster; otherwise a local instance
         collector = ShardCollector(out, config.image_mode)
         for batch in build_dataset(config, pending).iter_batches(batch_size=None, batch_format="numpy"):
             for marker in collector.add(batch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -67,3 +68,17 @@ def quiet_progress_bars() -> None:
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     transformers_logging.disable_progress_bar()
+
+
+def init_ray(address: str = "", num_cpus: int = 0, **options) -> bool:
+    """Connect to the cluster at ``address`` — or at ``RAY_ADDRESS``, which ``ray job submit`` sets for its
+    jobs — else start a fresh local instance (``num_cpus`` logical CPUs; 0: all), never silently joining a
+    cluster that someone started on this machine with ``ray start``. Does nothing when Ray is already
+    initialised (a test, a notebook, an enclosing job). Returns whether this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    ray.init(address=address or "local", num_cpus=None if address else num_cpus or None, **options)  # Ray
+    return True

@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.exceptions import ReplicaUnavailableError
+from ray.serve.exceptions import RayServeException, ReplicaUnavailableError
 from starlette.formparsers import MultiPartParser
 from starlette.datastructures import UploadFile
 
@@ -55,7 +55,7 @@ from blip2.serving.requests import (
     require_media_type,
 )
 from blip2.serving.runtime import EmbedResult, GenerationResult, MatchResult, RuntimeSettings, load_runtime
-from pipelines.common import CONFIG_DIR, job_parser, log, parse_config
+from pipelines.common import CONFIG_DIR, init_ray, job_parser, log, parse_config, quiet_progress_bars
 
 DEFAULT_CONFIG = "serve_toy.yaml"
 
@@ -153,6 +153,7 @@ class ServeConfig:
 class VisionLanguageModel:
     def __init__(self, config: dict[str, Any]) -> None:
         config = from_dict(ServeConfig, config)
+        quiet_progress_bars()
         torch.set_num_threads(config.replica.torch_threads)
         settings = config.model
         device = "cuda" if config.replica.num_gpus > 0 and torch.cuda.is_available() else "cpu"
@@ -376,6 +377,15 @@ def check(config: ServeConfig) -> dict[str, Any]:
     return results
 
 
+def serve_is_running() -> bool:
+    """Whether Ray Serve already runs on the connected cluster (then it is not ours to shut down)."""
+    try:
+        serve.status()
+    except RayServeException:
+        return False
+    return True
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -388,9 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="start the app, call /healthz, /v1/models and /v1/caption once, remove the app, exit")
     config, args = parse_config(parser, ServeConfig, argv)
     previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `ray job stop`: like Ctrl-C
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=args.address)
+    started_ray = init_ray(args.address or "")
+    owns_serve = not serve_is_running()  # a cluster's Serve may hold other apps: only ours is removed then
     serve.start(http_options={"host": config.http.host, "port": config.http.port})
     log(f"deploying {config.model.id} ({config.model.source}) as app {config.http.app_name!r} ...")
     serve.run(application(config), name=config.http.app_name, route_prefix=config.http.route_prefix)
@@ -409,8 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         serve.delete(config.http.app_name)
-        if started_ray:
+        if owns_serve:
             serve.shutdown()
+        if started_ray:
             ray.shutdown()
 
 

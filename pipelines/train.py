@@ -14,7 +14,8 @@ Ray Data (``get_dataset_shard``): the toy world's WebDataset shards, Parquet, or
 reported every ``checkpoint_every`` steps; running the same job again with the same ``name`` and
 ``storage_path`` resumes from the latest one, and a worker that dies is replaced and training continues
 from it (``max_failures``). At the end the driver evaluates the final checkpoint on held-out toy-world
-data and writes ``<storage_path>/<name>/``: ``report.json``, ``curve.png`` and ``model/`` (transformers
+data and writes ``<storage_path>/<name>/``: ``report.json``, ``history.json`` (the loss curve),
+``curve.png`` and ``model/`` (transformers
 layout: ``Blip2ForImageTextRetrieval``, ``Blip2ForConditionalGeneration`` or
 ``InstructBlipForConditionalGeneration``).
 """
@@ -42,12 +43,12 @@ from blip2.models.export import load_trainable
 from blip2.reporting import plot_curves
 from blip2.toyworld.corpus import generate_split
 from blip2.training.config import TrainConfig
-from blip2.training.data import drop_uncaptioned
+from blip2.training.data import training_records
 from blip2.training.features import FrozenImageEncoder
 from blip2.training.loop import StepRunner
 from blip2.training.state import TRAINABLE, TrainingProgress, load_training_state, save_training_state
 from blip2.training.tasks import MODEL_DIR, TASKS, TrainingTask
-from pipelines.common import job_parser, log, parse_config, quiet_progress_bars
+from pipelines.common import init_ray, job_parser, log, parse_config, quiet_progress_bars
 from pipelines.toyworld import ToyWorldJobConfig, ensure_toyworld
 
 HISTORY = "history.json"  # loss curve, kept in every checkpoint so a resumed run continues it
@@ -89,7 +90,9 @@ def train_loop(payload: dict) -> None:
     step_module.train()
     start = time.perf_counter()
     while progress.step < config.optim.max_steps:
-        batches = shard.iter_batches(batch_size=config.optim.batch_size, batch_format="numpy", drop_last=True)
+        batches = shard.iter_batches(batch_size=config.optim.batch_size, batch_format="numpy", drop_last=True,
+                                     local_shuffle_buffer_size=config.shuffle_buffer or None,
+                                     local_shuffle_seed=(config.seed * 1009 + rank) * 1009 + progress.epoch)
         for index, batch in enumerate(batches):
             if index < progress.batch_in_epoch:  # the resumed epoch: skip what was already trained on
                 continue
@@ -130,27 +133,40 @@ def _report(rank, model, optimizer, scheduler, progress, history, metrics) -> No
 # Input
 
 
-def training_data(config: TrainConfig) -> ray.data.Dataset:
-    """The training records as a Ray Data dataset (lazy; streamed into the workers)."""
-    if config.train_data:
-        source = Path(config.train_data)
-        if not source.exists():
-            raise FileNotFoundError(f"train_data {source} does not exist")
-    else:
-        ensure_toyworld(ToyWorldJobConfig(out=config.toyworld, world=config.world))
-        source = Path(config.toyworld) / "webdataset" / config.train_split
+def keep_images_encoded(sample: dict) -> dict:
+    """``read_webdataset`` decoder: the alt-text becomes a string, the image stays encoded (training
+    decodes it, as it decodes Parquet's image bytes), so that every source yields the same columns."""
+    return {k: v.decode("utf-8") if k in ("txt", "text") and isinstance(v, bytes) else v for k, v in sample.items()}
+
+
+def _read_source(source: Path) -> ray.data.Dataset:
+    """One training source (a directory or a file of WebDataset tars or of Parquet) in the columns
+    :func:`training_records` gives: ``image`` and ``captions_json``."""
+    if not source.exists():
+        raise FileNotFoundError(f"train_data {source} does not exist")
     files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
     tars = [str(p) for p in files if p.suffix == ".tar"]
     parquets = [str(p) for p in files if p.suffix == ".parquet"]
     if tars and not parquets:
-        data = ray.data.read_webdataset(tars)  # Ray Data
+        data = ray.data.read_webdataset(tars, decoder=keep_images_encoded)  # Ray Data
     elif parquets and not tars:
         data = ray.data.read_parquet(parquets)  # Ray Data: toy-world Parquet or CapFilt's kept output
     else:
         raise ValueError(f"{source}: expected WebDataset .tar shards or .parquet files (not both), "
-                     f"found {len(tars)} tar and {len(parquets)} parquet")
+                         f"found {len(tars)} tar and {len(parquets)} parquet")
     # a web corpus has records without a usable alt-text; nothing can be trained on them
-    return data.map_batches(drop_uncaptioned, batch_format="numpy", udf_modifying_row_count=True)
+    return data.map_batches(training_records, batch_format="numpy", udf_modifying_row_count=True)
+
+
+def training_data(config: TrainConfig) -> ray.data.Dataset:
+    """The training records of every source as one Ray Data dataset (lazy; streamed into the workers)."""
+    if config.train_data:
+        sources = [Path(s) for s in config.train_data]
+    else:
+        ensure_toyworld(ToyWorldJobConfig(out=config.toyworld, world=config.world))
+        sources = [Path(config.toyworld) / "webdataset" / config.train_split]
+    datasets = [_read_source(source) for source in sources]
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]  # Ray Data
 
 
 def feature_cache(config: TrainConfig, task: TrainingTask, data: ray.data.Dataset) -> ray.data.Dataset:
@@ -158,7 +174,7 @@ def feature_cache(config: TrainConfig, task: TrainingTask, data: ray.data.Datase
     into ``<output>/feature_cache/`` (reused while the data source and the encoder are the same)."""
     cache = config.output / FEATURE_CACHE
     marker = cache / "_COMPLETE.json"
-    key = {"train_data": config.train_data or f"{config.toyworld}:{config.train_split}",
+    key = {"train_data": list(config.train_data) or f"{config.toyworld}:{config.train_split}",
            "world": to_dict(config.world), "vision": str(task.backbones.vision)}
     if marker.is_file() and json.loads(marker.read_text()) == key:
         log(f"feature cache: reusing {cache}")
@@ -182,7 +198,7 @@ def feature_cache(config: TrainConfig, task: TrainingTask, data: ray.data.Datase
 # The job
 
 
-PATH_FIELDS = ("storage_path", "toyworld", "train_data", "backbones", "stage1", "stage2", "llm")
+PATH_FIELDS = ("storage_path", "toyworld", "backbones", "stage1", "stage2", "llm")  # and train_data
 
 
 def absolute_paths(config: TrainConfig) -> TrainConfig:
@@ -190,6 +206,7 @@ def absolute_paths(config: TrainConfig) -> TrainConfig:
     so a relative path (``stage1=runs/train/stage1-toy``) would name nothing there."""
     changes = {name: str(Path(value).resolve()) for name in PATH_FIELDS
                if (value := getattr(config, name, "")) and not (name == "llm" and value in ("opt", "t5"))}
+    changes["train_data"] = tuple(str(Path(path).resolve()) for path in config.train_data)
     model = getattr(config, "model", None)
     if model is not None and getattr(model, "bert_path", ""):
         changes["model"] = dataclasses.replace(model, bert_path=str(Path(model.bert_path).resolve()))
@@ -203,6 +220,8 @@ def fit(stage: str, config: TrainConfig, task: TrainingTask | None = None) -> Pa
     data = training_data(config)
     if config.feature_cache:
         data = feature_cache(config, task, data)
+    if config.shuffle_buffer:  # sources come one after the other: mix their blocks, then shuffle locally
+        data = data.randomize_block_order(seed=config.seed)  # Ray Data
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
     trainer = TorchTrainer(  # Ray Train
@@ -238,6 +257,7 @@ def finish(stage: str, config: TrainConfig, checkpoint, task: TrainingTask | Non
     metrics = task.evaluate(model, generate_split(config.world, config.eval_split))
     eval_seconds = time.perf_counter() - start
     task.export(model, output / MODEL_DIR)
+    (output / HISTORY).write_text(json.dumps(history))
     plot_curves(history, list(task.loss_names), output / "curve.png", title=config.name)
     this_run = [h for h in history if h["started_at"] == history[-1]["started_at"]]
     steps_timed = this_run[-1]["step"] - this_run[0]["step"]
@@ -252,7 +272,7 @@ def finish(stage: str, config: TrainConfig, checkpoint, task: TrainingTask | Non
     }
     (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"[{stage}] done: {json.dumps(report['headline'])}")
-    log(f"[{stage}] wrote {output / 'report.json'}, {output / 'curve.png'}, {output / MODEL_DIR}")
+    log(f"[{stage}] wrote {output / 'report.json'}, {output / HISTORY}, {output / 'curve.png'}, {output / MODEL_DIR}")
     return output
 
 
@@ -276,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               f"({stage} feeds pixels to transformers' model)")
     except (FileNotFoundError, ConfigError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    init_ray()  # RAY_ADDRESS (ray job submit) selects a cluster; otherwise a fresh local instance
     fit(stage, config, task)
     return 0
 

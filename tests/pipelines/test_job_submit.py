@@ -87,3 +87,11 @@ def test_capfilt_job_submits_and_succeeds(head, tmp_path, small_world):
     assert report["invariant_holds"]
     counts = report["counts"]
     assert counts["input"] == counts["kept"] + counts["filtered"] + counts["rejected"] > 0
+
+
+def test_serving_job_submits_deploys_answers_and_removes_its_app(head):
+    port = free_port()
+    output = submit(head, "python", "-m", "pipelines.serve", "--check", f"http.port={port}", "replica.num_cpus=0.5",
+                    "http.ingress_num_cpus=0.1", "autoscaling.max_replicas=1", "http.app_name=submitted")
+    assert f"serving blip2-toy-instruct-opt at http://127.0.0.1:{port}" in output
+    assert '"status": "ok"' in output and '"caption":' in output  # /healthz and /v1/caption answered
