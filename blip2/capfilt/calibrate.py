@@ -10,6 +10,7 @@ corpus, score a hand-labelled sample and call :func:`choose_threshold` on it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -55,3 +56,19 @@ def choose_threshold(scores: Sequence[float], right: Sequence[bool]) -> dict:
         if best is None or quality["f1"] > best["f1"]:
             best = {"threshold": float(threshold), **quality}
     return best
+
+
+class Scorer(Protocol):
+    """What :func:`calibrate` needs of a filter (:class:`blip2.capfilt.models.CaptionFilter` is one)."""
+
+    def score(self, pixels: np.ndarray, texts: Sequence[Sequence[str]]) -> list[np.ndarray]: ...
+
+
+def calibrate(scorer: Scorer, records: Sequence[Record], seed: int = 0, batch_size: int = 64) -> dict:
+    """Score :func:`calibration_pairs` of ``records`` (held-out, with known attributes) with ``scorer`` and
+    :func:`choose_threshold` on them: ``{"threshold", "precision", "recall", "f1", "pairs"}``."""
+    images, texts, right = calibration_pairs(records, seed)
+    scores = [float(value) for start in range(0, len(images), batch_size)
+              for row in scorer.score(images[start : start + batch_size], texts[start : start + batch_size])
+              for value in row]
+    return {**choose_threshold(scores, [r for row in right for r in row]), "pairs": len(scores)}
