@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,54 @@ def plot_curves(history: Sequence[dict], keys: Sequence[str], out: str | Path, t
     axis.set_ylabel("loss")
     axis.set_title(title)
     axis.legend()
+    figure.tight_layout()
+    out = Path(out)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
+
+
+def plot_workflow(curves: Mapping[str, Sequence[dict]], retrieval: Mapping[str, Mapping[str, float]],
+                  accuracy: Mapping[str, float], held_out: Sequence[str], seconds: Mapping[str, float],
+                  out: str | Path) -> Path:
+    """The end-to-end run on one page: every training run's loss against its steps, stage-1 retrieval
+    per training set (bars per metric), instruction accuracy per task family (held-out families hatched)
+    and the wall time of every step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ((losses, recall), (families, times)) = plt.subplots(2, 2, figsize=(12, 8))
+    for name, history in curves.items():
+        losses.plot([h["step"] for h in history], [h["loss"] for h in history], label=name, linewidth=1)
+    losses.set(xlabel="step", ylabel="training loss", title="training runs")
+    losses.legend(fontsize=8)
+
+    metrics = list(dict.fromkeys(metric for values in retrieval.values() for metric in values))
+    width = 0.8 / max(len(retrieval), 1)
+    for i, (name, values) in enumerate(retrieval.items()):
+        positions = np.arange(len(metrics)) + i * width
+        recall.bar(positions, [values.get(m, np.nan) for m in metrics], width, label=name)
+    recall.set_xticks(np.arange(len(metrics)) + width * (len(retrieval) - 1) / 2, metrics, fontsize=8)
+    recall.set(ylim=(0, 1), ylabel="recall@1 on held-out test", title="stage 1: which training data")
+    recall.legend(fontsize=8)
+
+    names = list(accuracy)
+    bars = families.bar(names, [accuracy[n] for n in names])
+    for bar, name in zip(bars, names, strict=True):
+        if name in held_out:
+            bar.set_hatch("//")
+            bar.set_facecolor("white")
+            bar.set_edgecolor("black")
+    families.set(ylim=(0, 1), ylabel="exact-match accuracy", title="instruction following (hatched: held out)")
+    families.tick_params(axis="x", labelsize=8)
+
+    steps = list(seconds)
+    times.barh(steps, [seconds[s] for s in steps])
+    times.invert_yaxis()
+    times.set(xlabel="seconds", title=f"wall time per step (total {sum(seconds.values()):.0f} s)")
+    times.tick_params(axis="y", labelsize=8)
     figure.tight_layout()
     out = Path(out)
     figure.savefig(out, dpi=100)

@@ -9,6 +9,7 @@ import argparse
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 from blip2.toyworld.corpus import SPLITS, ToyWorldConfig, read_manifest, write_toyworld
 from pipelines.common import job_parser, log, parse_config
@@ -40,6 +41,34 @@ def ensure_toyworld(config: ToyWorldJobConfig) -> dict:
     log(f"toy world: wrote {sum(summary.counts.values())} images to {config.out} "
         f"in {time.perf_counter() - start:.1f}s")
     return read_manifest(config.out)
+
+
+def audit_corpus(root: str | Path) -> dict:
+    """Read every WebDataset shard under ``root`` back with Ray Data and check it against its own ground
+    truth: counts per split, the web split's noise mix, and the share of labels the pixels confirm."""
+    import ray
+
+    from blip2.toyworld.corpus import labels_agree
+
+    def audit(batch: dict) -> dict:
+        # Ray Data decodes <key>.jpg to an array and <key>.json to a dict; keep only small columns.
+        metadata = list(batch["json"])
+        return {
+            "split": [m["split"] for m in metadata],
+            "noise": [m["noise"] for m in metadata],
+            "pixels_match_labels": [labels_agree(image, m) for image, m in zip(batch["jpg"], metadata)],
+        }
+
+    paths = [str(Path(root) / "webdataset" / split) for split in SPLITS]
+    rows = ray.data.read_webdataset(paths).map_batches(audit, batch_size=256).take_all()  # Ray Data
+    stats: dict = {"images": len(rows), "per_split": {}, "web_noise": {}}
+    for split in SPLITS:
+        stats["per_split"][split] = sum(r["split"] == split for r in rows)
+    web = [r for r in rows if r["split"] == "web"]
+    for kind in sorted({r["noise"] for r in web}):
+        stats["web_noise"][kind] = sum(r["noise"] == kind for r in web) / max(len(web), 1)
+    stats["pixels_match_labels"] = sum(r["pixels_match_labels"] for r in rows) / max(len(rows), 1)
+    return stats
 
 
 def main(argv: Sequence[str] | None = None) -> int:

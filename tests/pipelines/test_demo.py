@@ -1,28 +1,76 @@
-"""`blip2 demo`, the README's main command, end to end on a real local Ray instance (small world)."""
+"""`blip2 demo`, the README's main command, end to end on a real local Ray instance: a small world and
+tiny budgets, every step for real (Ray Data audit and CapFilt, five Ray Train runs, Ray Serve over HTTP),
+then a re-run that reuses what is done and redoes only what a changed config touches."""
 
 import json
+import socket
 
 import pytest
+from transformers import Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration
 
 from pipelines import demo
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+TRAIN_STEPS = {"bootstrap_filter": 4, "bootstrap_captioner": 3, "stage1": 4, "stage2": 3, "instruct": 3}
 
 
-def test_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path, ray_local, capsys):
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tiny(out, port) -> list[str]:
+    args = [f"out={out}", "world.web_size=160", "world.clean_size=96", "world.val_size=24", "world.test_size=100",
+            "world.novel_size=10", "world.shard_size=64", f"serve.http.port={port}", "requests=2",
+            "serve.replica.num_cpus=0.5", "serve.http.ingress_num_cpus=0.1", "bootstrap_captioner.eval_size=8",
+            "stage2.eval_size=8", "instruct.eval_examples_per_task=2"]
+    for section, steps in TRAIN_STEPS.items():
+        args += [f"{section}.optim.max_steps={steps}", f"{section}.optim.warmup_steps=1",
+                 f"{section}.optim.batch_size=16", f"{section}.checkpoint_every={steps}",
+                 f"{section}.scaling.cpus_per_worker=0.5", f"{section}.scaling.torch_threads=1"]
+    return args
+
+
+def test_demo_runs_from_corpus_to_served_endpoint_and_reuses_its_steps(tmp_path, ray_local, capsys):
     out = tmp_path / "demo"
-    args = [f"out={out}", "world.web_size=200", "world.clean_size=40", "world.val_size=20", "world.test_size=100",
-            "world.novel_size=30"]
+    args = tiny(out, free_port())
     assert demo.main(args) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
-    stats = report["toyworld"]
-    assert stats["per_split"] == {"web": 200, "clean": 40, "val": 20, "test": 100, "novel": 30}
-    assert stats["pixels_match_labels"] == 1.0
-    assert stats["web_noise"]["none"] == pytest.approx(0.65)
-    assert report["backbones"]["vision"]["probe"]["test"]["mean"] >= 0.95
-    assert report["backbones"]["opt"]["context_accuracy"] >= 0.9
-    assert "labels confirmed from pixels: 100.00%" in printed and "linear probe on test" in printed
+    results = report["results"]
 
-    assert demo.main(args) == 0  # a re-run reuses the written corpus
-    assert "toy world: reusing" in capsys.readouterr().out
+    assert results["audit"]["per_split"] == {"web": 160, "clean": 96, "val": 24, "test": 100, "novel": 10}
+    assert results["audit"]["pixels_match_labels"] == 1.0
+    capfilt = results["capfilt"]
+    counts = capfilt["counts"]
+    assert counts["input"] == 160 == counts["kept"] + counts["filtered"] + counts["rejected"]
+    assert capfilt["threshold"] == results["calibrate"]["threshold"]  # chosen on val, then used on web
+    assert results["calibrate"]["pairs"] == 2 * 24 and capfilt["filter_quality"]["records"] == 160
+    for name in ("bootstrap_filter", "stage1_raw", "stage1"):
+        assert results[name]["steps"] == TRAIN_STEPS.get(name, TRAIN_STEPS["stage1"])
+        assert results[name]["eval"]["num_candidates"] == 100 and 0 <= results[name]["eval"]["t2i_r1_attribute"] <= 1
+    assert results["stage2"]["eval"]["num_images"] == 8
+    assert {"accuracy/held_in", "accuracy/held_out"} <= set(results["instruct"]["eval"])
+    # the exports are transformers checkpoints, loaded here by transformers itself
+    assert isinstance(InstructBlipForConditionalGeneration.from_pretrained(results["instruct"]["model"]),
+                      InstructBlipForConditionalGeneration)
+    assert isinstance(Blip2ForImageTextRetrieval.from_pretrained(results["stage1"]["model"]), Blip2ForImageTextRetrieval)
+    served = results["serve"]
+    assert served["images"] == 2 and len(served["exchanges"]) == 2
+    for exchange in served["exchanges"]:
+        assert isinstance(exchange["caption"], str) and isinstance(exchange["answer"], str)
+        assert isinstance(exchange["chat"], str) and 0 <= exchange["match"]["true"]["itm_probability"] <= 1
+    assert (out / "results.png").stat().st_size > 0
+    assert "== results (held-out test split)" in printed and "clean + CapFilt web" in printed
+    assert report["reused"] == []
+
+    # Again with one budget changed: only instruction tuning (and the checks that always run) runs again.
+    args = [a for a in args if not a.startswith("instruct.optim.max_steps=")] + ["instruct.optim.max_steps=2"]
+    assert demo.main(args) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert set(again["reused"]) == set(report["seconds"]) - {"instruct", "backbones", "serve"}
+    assert again["results"]["instruct"]["steps"] == 2
+    assert again["results"]["stage1"] == results["stage1"]
+    assert "reusing" in capsys.readouterr().out

@@ -3,7 +3,7 @@
 import pytest
 
 from blip2.toyworld.corpus import SPLITS, labels_agree
-from pipelines.demo import audit_corpus
+from pipelines.toyworld import audit_corpus
 
 from tests.conftest import SMALL_WORLD
 
