@@ -1,0 +1,45 @@
+"""`benchmarks/run_all.py` runs the benchmark scripts and writes the results page from what they measured."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load_runner():
+    spec = importlib.util.spec_from_file_location("run_all", BENCHMARKS / "run_all.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_page_quotes_what_a_benchmark_measured_and_how_to_rerun_it(tmp_path):
+    runner = load_runner()
+    page = tmp_path / "RESULTS.md"
+    assert runner.main(["--quick", "--only", "train_step", "--out", str(page)]) == 0
+    text = page.read_text()
+    assert "Quick run" in text and "not measurements" in text  # a quick page says what it is
+    assert "`python benchmarks/train_step.py --steps 2`" in text
+    assert "share of the fp32 matmul peak" in text and "cores" in text and "torch" in text
+    assert "| ok |" in text
+
+
+def test_a_failed_benchmark_is_reported_not_hidden():
+    runner = load_runner()
+    records = {"capfilt": {"command": "python benchmarks/capfilt.py", "seconds": 1.0, "load_before": 0.5,
+                           "load_after": 0.5, "returncode": 3}}
+    text = runner.render(records, runner.machine(), quick=False, when="today")
+    assert "FAILED (exit 3)" in text and "Quick run" not in text
+    assert runner.summary_rows(records) == []  # no figure is made up for it
+
+
+def test_unknown_benchmarks_are_refused(capsys):
+    runner = load_runner()
+    with pytest.raises(SystemExit) as exit_info:
+        runner.main(["--only", "nope"])
+    assert exit_info.value.code == 2
+    assert "unknown benchmark(s) nope" in capsys.readouterr().err
