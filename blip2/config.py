@@ -9,6 +9,7 @@ a list of strings also takes one string, as a list of one.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -62,6 +64,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):

@@ -32,6 +32,13 @@ def test_defaults_yaml_then_overrides(tmp_path):
     assert load_config(Outer) == Outer()
 
 
+def test_scientific_notation_without_a_dot_is_a_number():
+    assert load_config(Outer, None, ["inner.rate=1e-3"]).inner.rate == 0.001  # YAML 1.1 reads it as a string
+    assert load_config(Outer, None, ["inner.rate=-2.5E+2"]).inner.rate == -250.0
+    with pytest.raises(ConfigError, match="inner.rate: expected a number"):
+        load_config(Outer, None, ["inner.rate=fast"])
+
+
 def test_one_string_is_a_list_of_one_string():
     assert load_config(Outer, None, ["inner.names=only"]).inner.names == ("only",)
     with pytest.raises(ConfigError, match="inner.steps: expected an integer"):
