@@ -101,21 +101,11 @@ def _candidates(batch: Mapping[str, Any]) -> list[list[str]]:
 
 def caption_choices(batch: Mapping[str, Any]) -> list[list[str]]:
     """Every record's candidate captions: CapFilt's kept list, or the one alt-text. Records without any
-    are removed before training (:func:`training_records`, :func:`drop_uncaptioned`); here they are an
-    error."""
+    are removed before training (:func:`training_records`); here they are an error."""
     choices = _candidates(batch)
     if not all(choices):
-        raise ValueError("a training record has no caption (filter the data with drop_uncaptioned)")
+        raise ValueError("a training record has no caption (filter the data with training_records)")
     return choices
-
-
-def drop_uncaptioned(batch: dict[str, Any]) -> dict[str, Any]:
-    """The batch without records that have no usable caption (missing, empty or blank alt-text, or an
-    empty CapFilt list): a web corpus has them, and they cannot be trained on."""
-    keep = np.array([bool(texts) for texts in _candidates(batch)], dtype=bool)
-    if keep.all():
-        return batch
-    return {name: np.asarray(value)[keep] for name, value in batch.items()}
 
 
 def training_records(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ from blip2.models.export import import_pretrained, import_stage1
 from blip2.toyworld.corpus import ToyWorldConfig, generate_split
 from blip2.toyworld.world import decode_image
 from blip2.training.config import InstructConfig, Stage1Config, Stage1ModelConfig, Stage2Config, TaskSizes
-from blip2.training.data import CAPTIONS_JSON, caption_choices, drop_uncaptioned, sample_captions, task_mixture
+from blip2.training.data import CAPTIONS_JSON, caption_choices, sample_captions, task_mixture, training_records
 from blip2.training.features import FrozenImageEncoder
 from blip2.training.tasks import InstructTask, Stage1Task, Stage2Task, resolve_model_dir
 
@@ -62,6 +62,17 @@ def test_every_input_layout_gives_the_same_stage1_batch(records):
     drawn = {text for seed in range(20)
              for text in sample_captions(caption_choices(layouts(records)["capfilt"]), np.random.default_rng(seed))}
     assert {r.alt_text for r in records} | {r.alt_text.upper() for r in records} == drawn
+
+
+def test_every_layout_brought_to_the_training_columns_gives_the_same_batch(records):
+    """What the training job reads from each source (a mix of sources reads the same way)."""
+    task = Stage1Task(Stage1Config(world=WORLD))
+    for name, batch in layouts(records).items():
+        normalised = training_records(batch)
+        assert set(normalised) == {"image", CAPTIONS_JSON}
+        expected, got = (task.make_batch(b, np.random.default_rng(0)) for b in (batch, normalised))
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), (name, key)
 
 
 def test_missing_columns_are_named():
@@ -148,8 +159,9 @@ def test_a_missing_previous_stage_is_a_clear_error(tmp_path):
 def test_records_without_a_caption_are_dropped_not_fatal(records):
     batch = layouts(records)["parquet"]
     batch["text"] = np.array(["", *[r.alt_text for r in records[1:-1]], None], dtype=object)
-    kept = drop_uncaptioned(batch)
-    assert len(kept["text"]) == len(records) - 2 and len(kept["image"]) == len(records) - 2
+    kept = training_records(batch)
+    assert len(kept[CAPTIONS_JSON]) == len(records) - 2 and list(kept["image"]) == [r.image for r in records[1:-1]]
+    assert caption_choices(kept) == [[r.alt_text] for r in records[1:-1]]
     with pytest.raises(ValueError, match="no caption"):
         caption_choices(batch)
 
@@ -160,4 +172,4 @@ def test_feature_cache_of_capfilt_output_keeps_every_caption_parquet_safe(record
     cached = FrozenImageEncoder(task.backbones.vision)(batch)
     assert cached[CAPTIONS_JSON].dtype == object and isinstance(cached[CAPTIONS_JSON][0], str)  # no pickled lists
     assert caption_choices(cached) == caption_choices(batch)
-    assert len(drop_uncaptioned(cached)[CAPTIONS_JSON]) == len(records)
+    assert caption_choices(FrozenImageEncoder(task.backbones.vision)(training_records(batch))) == caption_choices(batch)
