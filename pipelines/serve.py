@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.exceptions import RayServeException, ReplicaUnavailableError
+from ray.serve.exceptions import ReplicaUnavailableError
 from starlette.formparsers import MultiPartParser
 from starlette.datastructures import UploadFile
 
@@ -378,12 +378,10 @@ def check(config: ServeConfig) -> dict[str, Any]:
 
 
 def serve_is_running() -> bool:
-    """Whether Ray Serve already runs on the connected cluster (then it is not ours to shut down)."""
-    try:
-        serve.status()
-    except RayServeException:
-        return False
-    return True
+    """Whether Ray Serve already runs on the connected cluster (then it is not ours to shut down).
+    ``serve.status()`` does not start Serve, and reports no proxy and no application until it runs."""
+    status = serve.status()
+    return bool(status.proxies or status.applications)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

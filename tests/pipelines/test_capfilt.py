@@ -151,7 +151,11 @@ def _filter_actor_pids():
 def test_killed_filter_actor_is_replaced_and_nothing_is_lost(ray_local, small_world, tmp_path):
     root, _ = small_world
     out = tmp_path / "out"
+    # Small batches: many of them per shard, so that the run is still going when the first shard is done
+    # (with the default sizes a quick machine finished all three shards between two polls).
     config = fast_config(input=InputConfig(path=str(root / "webdataset" / "web")), output=str(out))
+    config = replace(config, captioner=replace(config.captioner, batch_size=4),
+                     filter=replace(config.filter, batch_size=4))
     result, errors = {}, []
 
     def job():
