@@ -17,6 +17,7 @@ from blip2.backbones.language import (
     pretrain_causal_lm,
     pretrain_seq2seq_lm,
     seq2seq_batch,
+    soften_context,
 )
 from blip2.tokenization import IMAGE_TOKEN, build_lm_tokenizer
 from blip2.toyworld.corpus import split_attributes
@@ -50,6 +51,45 @@ def test_config_rejects_bad_values():
         LanguagePretrainConfig(steps=10, warmup_steps=10)
     with pytest.raises(ValueError, match="max_length"):
         LanguagePretrainConfig(max_length=16)
+    with pytest.raises(ValueError, match="context_mixing"):
+        LanguagePretrainConfig(context_mixing=1.5)
+    with pytest.raises(ValueError, match="context_noise"):
+        LanguagePretrainConfig(context_noise=-0.1)
+    with pytest.raises(ValueError, match="context_marker"):
+        LanguagePretrainConfig(context_marker=False, context_noise=0.5)
+
+
+def _bags() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two left-padded sequences whose tokens are one-hot vectors (token i = e_i), and their bag masks:
+    the first has bag positions 1-3, the second 2-3."""
+    embeds = torch.eye(6).expand(2, 6, 6).clone()  # (B=2, S=6, H=6)
+    context = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    return embeds, context
+
+
+def test_soft_context_mixes_each_bag_slot_from_its_own_bag_words_and_leaves_the_rest():
+    embeds, context = _bags()
+    mixed = soften_context(embeds, context, mixing=1.0, noise=0.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mixed[~context], embeds[~context])  # prompt, target and padding untouched
+    for b in range(2):
+        bag = context[b]
+        for position in bag.nonzero().flatten():
+            slot = mixed[b, position]  # a convex combination of this sequence's bag words, and of nothing else
+            assert torch.all(slot >= 0) and slot[bag].sum() == pytest.approx(1.0) and slot[~bag].abs().sum() == 0
+    assert not torch.equal(mixed[context], embeds[context])
+
+
+def test_soft_context_noise_is_on_bag_slots_only_at_the_asked_scale():
+    embeds = torch.randn(4, 10, 64, generator=torch.Generator().manual_seed(1))
+    context = torch.zeros(4, 10, dtype=torch.bool)
+    context[:, 2:6] = True
+    noisy = soften_context(embeds, context, mixing=0.0, noise=0.5, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(noisy[~context], embeds[~context])
+    ratio = ((noisy - embeds)[context].pow(2).mean() / embeds.pow(2).mean()).sqrt()
+    assert ratio.item() == pytest.approx(0.5, rel=0.15)
+    # mixing 0 and noise 0 is the identity: exact word embeddings
+    same = soften_context(embeds, context, 0.0, 0.0, torch.Generator().manual_seed(3))
+    assert torch.equal(same, embeds)
 
 
 def test_causal_batch_puts_the_bag_before_bos_and_the_loss_on_the_target_only(tokenizer):
