@@ -23,6 +23,7 @@ capacity on it would only blur the context-to-text mapping that stage 2 relies o
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -324,10 +325,8 @@ def _train(model: PreTrainedModel, next_batch: Callable[[], dict[str, torch.Tens
     schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     soften = None
     if config.context_mixing or config.context_noise:
-        generator = torch.Generator().manual_seed(config.seed)
-
-        def soften(words: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
-            return soften_context(words, context_mask, config.context_mixing, config.context_noise, generator)
+        soften = functools.partial(soften_context, mixing=config.context_mixing, noise=config.context_noise,
+                                   generator=torch.Generator().manual_seed(config.seed))
     model.train()
     start, running = time.perf_counter(), 0.0
     for step in range(1, config.steps + 1):

@@ -9,6 +9,7 @@ import pytest
 from transformers import Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration
 
 from pipelines import demo
+from pipelines.serve import serve_is_running
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -65,7 +66,6 @@ def test_demo_runs_from_corpus_to_served_endpoint_and_reuses_its_steps(tmp_path,
     assert (out / "results.png").stat().st_size > 0
     assert "== results (held-out test split)" in printed and "clean + CapFilt web" in printed
     assert report["reused"] == []
-    from pipelines.serve import serve_is_running
     assert not serve_is_running()  # the demo started Serve, so it shut it down (a later app may want its own port)
 
     # Again with one budget changed: only instruction tuning (and the checks that always run) runs again.

@@ -120,8 +120,10 @@ def test_sequences_longer_than_max_length_are_refused(tokenizer):
         causal_batch(encode_examples([too_long], tokenizer), tokenizer.pad_token_id, max_length=32)
 
 
-def test_pretraining_is_deterministic(tokenizer):
-    config = LanguagePretrainConfig(hidden_size=32, num_heads=2, ffn_size=64, steps=3, warmup_steps=1, batch_size=4)
+@pytest.mark.parametrize("soft", [0.0, 0.5])
+def test_pretraining_is_deterministic(tokenizer, soft):
+    config = LanguagePretrainConfig(hidden_size=32, num_heads=2, ffn_size=64, steps=3, warmup_steps=1, batch_size=4,
+                                    context_mixing=soft, context_noise=soft)
     attributes = split_attributes("web")
     first = pretrain_causal_lm(config, tokenizer, attributes, log=lambda _: None).state_dict()
     second = pretrain_causal_lm(config, tokenizer, attributes, log=lambda _: None).state_dict()
