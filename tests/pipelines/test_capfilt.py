@@ -147,15 +147,22 @@ def _filter_actor_pids():
             if "FilterActor" in a["ActorClassName"] and a["State"] == "ALIVE" and a["Pid"]}
 
 
+@pytest.fixture(scope="module")
+def twelve_shards(tmp_path_factory):
+    """The small world's 300 web records in twelve WebDataset shards of 25: each shard travels through
+    the actors as its own block, so shards complete one after another, not all at the end."""
+    from tests.conftest import SMALL_WORLD
+    from blip2.toyworld.corpus import generate_split, write_webdataset
+
+    root = tmp_path_factory.mktemp("twelve_shards")
+    write_webdataset(generate_split(SMALL_WORLD, "web"), root, 25, SMALL_WORLD.image_size)
+    return root
+
+
 @pytest.mark.timeout(240)
-def test_killed_filter_actor_is_replaced_and_nothing_is_lost(ray_local, small_world, tmp_path):
-    root, _ = small_world
+def test_killed_filter_actor_is_replaced_and_nothing_is_lost(ray_local, twelve_shards, tmp_path):
     out = tmp_path / "out"
-    # Small batches: many of them per shard, so that the run is still going when the first shard is done
-    # (with the default sizes a quick machine finished all three shards between two polls).
-    config = fast_config(input=InputConfig(path=str(root / "webdataset" / "web")), output=str(out))
-    config = replace(config, captioner=replace(config.captioner, batch_size=4),
-                     filter=replace(config.filter, batch_size=4))
+    config = fast_config(input=InputConfig(path=str(twelve_shards)), output=str(out))
     result, errors = {}, []
 
     def job():
@@ -166,19 +173,23 @@ def test_killed_filter_actor_is_replaced_and_nothing_is_lost(ray_local, small_wo
 
     thread = threading.Thread(target=job)
     thread.start()
-    killed = None
-    deadline = time.monotonic() + 120
-    while killed is None and time.monotonic() < deadline and thread.is_alive():
+    # The actor table is slow to read (it lists every actor of the session), so find the filter actor
+    # first, then watch only the cheap completion markers and kill it as soon as one shard is done.
+    pids, deadline = set(), time.monotonic() + 120
+    while not pids and thread.is_alive() and time.monotonic() < deadline:
         pids = _filter_actor_pids()
-        if pids and list((out / "_done").glob("*.json")):  # mid-run: one shard written, more to come
-            killed = pids.pop()
-            os.kill(killed, signal.SIGKILL)
         time.sleep(0.05)
+    assert pids, "no filter actor came up"
+    while thread.is_alive() and not list((out / "_done").glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    done_at_kill = len(list((out / "_done").glob("*.json")))
+    assert thread.is_alive() and 1 <= done_at_kill < 12, f"not mid-run: {done_at_kill} of 12 shards done"
+    killed = pids.pop()
+    os.kill(killed, signal.SIGKILL)
     thread.join(timeout=200)
     assert not errors, errors
-    assert killed is not None, "the run finished before a filter actor could be killed"
     report = result["report"]
-    assert report["invariant_holds"] and report["counts"]["input"] == 300
+    assert report["invariant_holds"] and report["counts"]["input"] == 300 and report["shards"] == 12
     assert report["duplicates_dropped"] == 0
     keys = kept_keys(out)
     assert len(keys) == len(set(keys))
