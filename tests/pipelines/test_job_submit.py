@@ -1,6 +1,7 @@
-"""Jobs run unchanged through ``ray job submit --working-dir . -- python -m pipelines.<job> ...`` against a
-real head started with ``ray start --head`` on loopback, on its own ports (so a Ray instance already on
-the machine is neither used nor disturbed). Only the head this test started is stopped."""
+"""Jobs (training, CapFilt, serving, the demo) run unchanged through ``ray job submit --working-dir . --
+python -m pipelines.<job> ...`` against a real head started with ``ray start --head`` on loopback, on its
+own ports (so a Ray instance already on the machine is neither used nor disturbed). Only the head this
+test started is stopped."""
 
 import json
 import os
@@ -95,3 +96,15 @@ def test_serving_job_submits_deploys_answers_and_removes_its_app(head):
                     "http.ingress_num_cpus=0.1", "autoscaling.max_replicas=1", "http.app_name=submitted")
     assert f"serving blip2-toy-instruct-opt at http://127.0.0.1:{port}" in output
     assert '"status": "ok"' in output and '"caption":' in output  # /healthz and /v1/caption answered
+
+
+def test_demo_job_submits_and_runs_the_whole_workflow_on_the_cluster(head, tmp_path):
+    from tests.pipelines.test_demo import tiny  # the demo test's smallest budgets
+
+    out = tmp_path / "demo"
+    output = submit(head, "python", "-m", "pipelines.demo", *tiny(out, free_port()))
+    assert "== results (held-out test split)" in output  # the results table reaches `ray job submit`
+    results = json.loads((out / "report.json").read_text())["results"]
+    counts = results["capfilt"]["counts"]
+    assert counts["input"] == 160 == counts["kept"] + counts["filtered"] + counts["rejected"]
+    assert {"stage1", "stage2", "instruct"} <= set(results) and results["serve"]["images"] == 2
