@@ -107,15 +107,20 @@ def test_parquet_and_coco_inputs(ray_local, bad, tmp_path, fmt):
     assert all(ref for ref in kept.column("image_ref").to_pylist())
 
 
-@pytest.fixture(scope="module")
-def three_shards(tmp_path_factory):
-    """96 web records of the small world in three WebDataset shards of 32."""
+def web_shards(tmp_path_factory, records: int, shard_size: int):
+    """The small world's first ``records`` web records as WebDataset shards of ``shard_size``."""
     from tests.conftest import SMALL_WORLD
     from blip2.toyworld.corpus import generate_split, write_webdataset
 
-    root = tmp_path_factory.mktemp("three_shards")
-    write_webdataset(generate_split(SMALL_WORLD, "web")[:96], root, 32, SMALL_WORLD.image_size)
+    root = tmp_path_factory.mktemp("web_shards")
+    write_webdataset(generate_split(SMALL_WORLD, "web")[:records], root, shard_size, SMALL_WORLD.image_size)
     return root
+
+
+@pytest.fixture(scope="module")
+def three_shards(tmp_path_factory):
+    """96 web records of the small world in three WebDataset shards of 32."""
+    return web_shards(tmp_path_factory, 96, 32)
 
 
 @pytest.mark.timeout(240)
@@ -151,12 +156,7 @@ def _filter_actor_pids():
 def twelve_shards(tmp_path_factory):
     """The small world's 300 web records in twelve WebDataset shards of 25: each shard travels through
     the actors as its own block, so shards complete one after another, not all at the end."""
-    from tests.conftest import SMALL_WORLD
-    from blip2.toyworld.corpus import generate_split, write_webdataset
-
-    root = tmp_path_factory.mktemp("twelve_shards")
-    write_webdataset(generate_split(SMALL_WORLD, "web"), root, 25, SMALL_WORLD.image_size)
-    return root
+    return web_shards(tmp_path_factory, 300, 25)
 
 
 @pytest.mark.timeout(240)
