@@ -93,6 +93,9 @@ INSTRUCTION_TASKS: dict[str, tuple[str, ...]] = {
                  "where is the object located?"),
     "describe": ("describe the image.", "what do you see?", "write a short caption for this image.",
                  "describe the picture briefly."),
+    "verify": ("is the shape {colour}?", "is the object {colour}?", "is the shape a {shape}?",
+               "is the object a {shape}?", "is the shape {size}?", "is the object {size}?",
+               "is the shape {where}?", "is the object {where}?"),
     "existence": ("is there a {colour} {shape}?", "does the image contain a {colour} {shape}?",
                   "can you see a {colour} {shape}?"),
 }
@@ -109,6 +112,14 @@ def instruction_example(task: str, attributes: Attributes, rng: np.random.Genera
         return InstructionExample(task, phrasing, getattr(attributes, task))
     if task == "describe":
         return InstructionExample(task, phrasing, caption(attributes, 0))
+    if task == "verify":
+        # One attribute, stated truly half the time.
+        name = next(n for n in ("colour", "shape", "size", "where") if "{" + n + "}" in phrasing)
+        attribute = "position" if name == "where" else name
+        value = getattr(attributes, attribute)
+        asked = value if rng.random() < 0.5 else _other(tuple(ATTRIBUTES[attribute]), value, rng)
+        stated = WHERE[asked] if name == "where" else asked
+        return InstructionExample(task, phrasing.format(**{name: stated}), "yes" if asked == value else "no")
     if task == "existence":
         # Half the questions ask about what is there; the rest change the colour, the shape or both.
         colour, shape = attributes.colour, attributes.shape
@@ -157,10 +168,10 @@ def context_words(attributes: Attributes, rng: np.random.Generator) -> str:
 
 
 # How often each instruction task is drawn for LM pretraining, relative to the others. Every task but
-# ``existence`` only copies a word (or the caption) from the context and is learned in a few hundred
-# steps; ``existence`` must compare the question's words with the context, and at equal weight a tiny LM
-# sat on the majority answer for over a thousand steps.
-LM_TASK_WEIGHTS: dict[str, float] = {task: 5.0 if task == "existence" else 1.0 for task in INSTRUCTION_TASKS}
+# ``existence`` and ``verify`` only copies a word (or the caption) from the context and is learned in a few
+# hundred steps; those two must compare the question's words with the context, and at equal weight a tiny
+# LM sat on the majority answer for over a thousand steps.
+LM_TASK_WEIGHTS: dict[str, float] = {task: 5.0 if task in ("existence", "verify") else 1.0 for task in INSTRUCTION_TASKS}
 
 
 def lm_pretraining_example(attributes: Attributes, rng: np.random.Generator) -> TextExample:

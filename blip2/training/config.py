@@ -149,6 +149,7 @@ class TaskSizes:
     size: int = 500
     position: int = 500
     describe: int = 4000
+    verify: int = 4000  # single-attribute yes/no: the held-in cousin of existence
     existence: int = 0  # held out: evaluated zero-shot
 
     def __post_init__(self) -> None:

@@ -192,8 +192,8 @@ def test_evaluate_captions_scores_each_caption_against_its_own_image(monkeypatch
 def oracle_answer(instruction: str, attributes: Attributes) -> str:
     """The right answer, a description phrased unlike the reference (template 1, not 0)."""
     asked = parse_attributes(instruction)
-    if "colour" in asked and "shape" in asked:  # existence: "is there a red circle?"
-        return "yes" if (asked["colour"], asked["shape"]) == (attributes.colour, attributes.shape) else "no"
+    if asked:  # yes/no: "is the shape red?" (verify), "is there a red circle?" (existence)
+        return "yes" if all(getattr(attributes, name) == value for name, value in asked.items()) else "no"
     for task in ("colour", "shape", "size", "position"):
         if instruction in INSTRUCTION_TASKS[task]:
             return getattr(attributes, task)

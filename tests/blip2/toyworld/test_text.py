@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from blip2.toyworld.text import (
     CAPTION_TEMPLATES,
@@ -32,7 +33,7 @@ def test_caption_matching_is_strict():
 
 
 def test_instruction_families_and_answers():
-    assert set(INSTRUCTION_TASKS) == {"colour", "shape", "size", "position", "describe", "existence"}
+    assert set(INSTRUCTION_TASKS) == {"colour", "shape", "size", "position", "describe", "verify", "existence"}
     assert all(len(p) >= 3 for p in INSTRUCTION_TASKS.values())
     assert HELD_OUT_TASKS == ("existence",)
     rng = np.random.default_rng(0)
@@ -41,16 +42,21 @@ def test_instruction_families_and_answers():
     assert caption_matches(instruction_example("describe", RED_CIRCLE, rng).answer, RED_CIRCLE)
 
 
-def test_existence_questions_are_balanced_and_truthful():
+@pytest.mark.parametrize("task", ["verify", "existence"])
+def test_yes_no_questions_are_balanced_and_truthful(task):
     rng = np.random.default_rng(0)
-    answers = []
+    answers, asked_about = [], set()
     for _ in range(400):
-        example = instruction_example("existence", RED_CIRCLE, rng)
+        example = instruction_example(task, RED_CIRCLE, rng)
         asked = parse_attributes(example.instruction)
-        truthful = asked["colour"] == "red" and asked["shape"] == "circle"
+        # verify states one attribute, existence a colour and a shape; the answer is whether all hold
+        assert len(asked) == (1 if task == "verify" else 2)
+        truthful = all(getattr(RED_CIRCLE, name) == value for name, value in asked.items())
         assert example.answer == ("yes" if truthful else "no")
         answers.append(example.answer)
+        asked_about.update(asked)
     assert 0.4 < answers.count("yes") / len(answers) < 0.6
+    assert asked_about == ({"colour", "shape", "size", "position"} if task == "verify" else {"colour", "shape"})
 
 
 def test_lm_pretraining_targets_agree_with_their_context():
