@@ -1,8 +1,7 @@
 """The toy-world quality bars of the training stages, measured on the held-out `test` split.
 
 The slow tier trains each stage with its shipped toy config on Ray Train, one after the other, and
-asserts the bars of the training issue; the one not reached yet (zero-shot yes/no above chance) is a
-strict xfail, so it fails loudly once it passes. The fast tier (CI) trains stage 1 alone, in-process from
+asserts the bars of the training issue, zero-shot yes/no above chance included. The fast tier (CI) trains stage 1 alone, in-process from
 cached image features, on a smaller budget with a smaller bar: far above chance, which is a few
 percent for text->image R@1 among 100 images.
 """
@@ -15,6 +14,7 @@ import torch
 
 from blip2.config import load_config
 from blip2.toyworld.corpus import generate_split
+from blip2.toyworld.text import INSTRUCTION_TASKS
 from blip2.toyworld.world import decode_image
 from blip2.training.config import Stage1Config
 from blip2.training.features import FrozenImageEncoder
@@ -78,9 +78,9 @@ def test_default_toy_configs_reach_the_bars(default_runs):
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(3600)
-@pytest.mark.xfail(strict=True, reason="open (training issue): zero-shot yes/no after instruction tuning measured "
-                                       "0.49, at chance; the tuned Q-Former's queries do not carry what the LLM "
-                                       "needs for a family it never saw")
 def test_instruction_tuning_answers_the_held_out_family_above_chance(default_runs):
     instruct = default_runs["instruct-toy-opt"]
-    assert instruct["accuracy/held_out"] > 0.5, instruct  # yes/no: chance is 0.5
+    # yes/no: chance is 0.5. Above it means more than noise: 60 right of 100 questions happens by chance
+    # with probability 0.03 (measured 0.64-0.70 over three instruct seeds, README "Training").
+    assert instruct["num_examples"] == 100 * len(INSTRUCTION_TASKS)  # 100 questions per family
+    assert instruct["accuracy/held_out"] >= 0.6, instruct
