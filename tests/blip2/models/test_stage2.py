@@ -269,7 +269,8 @@ def test_batched_generation_with_different_prompts_equals_one_at_a_time(toy, llm
     alone = [generate_captions(model, tokenizer, px[i:i + 1], [p], GenerationParams(max_new_tokens=10))[0]
              for i, p in enumerate(prompts)]
     assert batched == alone
-    assert all(not text.startswith(prompt) or not prompt for text, prompt in zip(batched, prompts, strict=True))
+    # the prompt is not echoed (a one-word prompt like "a" may well begin the answer: T5 starts afresh)
+    assert not any(text.startswith(prompt) for text, prompt in zip(batched, prompts, strict=True) if " " in prompt)
 
 
 def test_beam_search_returns_distinct_deterministic_beams(toy):

@@ -81,6 +81,7 @@ def test_default_toy_configs_reach_the_bars(default_runs):
 def test_instruction_tuning_answers_the_held_out_family_above_chance(default_runs):
     instruct = default_runs["instruct-toy-opt"]
     # yes/no: chance is 0.5. Above it means more than noise: 60 right of 100 questions happens by chance
-    # with probability 0.03 (measured 0.64-0.70 over three instruct seeds, README "Training").
+    # with probability 0.03. Measured 0.97-0.98 over three instruct seeds (README "Training"), but
+    # 0.64-0.68 over three with an LM pretrained on the previous tokenizer: the bar is chance, not 0.97.
     assert instruct["num_examples"] == 100 * len(INSTRUCTION_TASKS)  # 100 questions per family
     assert instruct["accuracy/held_out"] >= 0.6, instruct
