@@ -7,10 +7,14 @@ Four groups, each a pure function of predictions and ground truth (no model, no 
   (:func:`attribute_relevance`: every image that has all the attributes the caption states; in the toy
   world several images fit one caption, and strict recall would call those retrievals wrong).
 - **Captioning** (ITG): :func:`caption_attribute_accuracy` (does the caption say the right things),
-  :func:`bleu4` and :func:`cider_d` (does it say them the way the references do).
+  :func:`bleu4` and :func:`cider_d` (does it say them the way the references do; equal to pycocoevalcap's
+  ``Bleu(4)`` and ``Cider`` scorers on the same tokens, which a test checks).
 - **Instructions** (InstructBLIP): :func:`exact_match` and :func:`accuracy_by_task` with held-in and
   held-out aggregates.
 - **Filtering** (CapFilt): :func:`filter_precision_recall` of the alt-texts the filter flags as wrong.
+
+Visual question answering on the standard sets (official VQA accuracy, GQA exact match) lives in
+:mod:`blip2.vqa_accuracy`.
 
 Every function raises ``ValueError`` on empty or mismatched inputs rather than returning ``nan``: an
 empty evaluation set is a bug upstream, and a ``nan`` in a report hides it.
