@@ -115,7 +115,6 @@ class FilterConfig:
     source: str = "toy-stage1"
     tokenizer: str = ""
     image_processor: str = ""
-    dec_token_id: int = -1  # only for retrieval directories without our side file; -1: the tokenizer's [DEC]
     # "itm": the ITM head's match probability, in [0, 1] (BLIP's filter); "itc": the cosine similarity of
     # the ITC features, max over queries, in [-1, 1] (BLIP-2 ranked its captions by CLIP similarity).
     score: str = "itm"

@@ -27,7 +27,6 @@ from blip2.models.generation import GenerationParams, generate_captions
 from blip2.models.presets import TOY, load_preset
 from blip2.models.scoring import itm_probability
 from blip2.models.stage1 import build_stage1_model
-from blip2.tokenization import DEC_TOKEN
 
 KEPT, FILTERED = "kept", "filtered"
 TOY_STAGE1 = "toy-stage1"  # an untrained stage-1 model over the toy backbones (tests, benchmarks)
@@ -162,9 +161,9 @@ def load_filter(config: FilterConfig):
         directory if directory and (directory / "preprocessor_config.json").exists() else backbones.vision)
     image_processor = AutoImageProcessor.from_pretrained(processor_source)
     if directory is not None:
-        dec = config.dec_token_id if config.dec_token_id >= 0 else tokenizer.convert_tokens_to_ids(DEC_TOKEN)
-        model = import_stage1(directory, dec_token_id=None if (directory / "stage1_extras.safetensors").exists()
-                              else dec)
+        # The filter scores with ITM / ITC only: a directory without our side file (no ITG head, a
+        # tokenizer without [DEC], as Salesforce published theirs) serves as well as one with it.
+        model = import_stage1(directory)
     return model, tokenizer, image_processor
 
 

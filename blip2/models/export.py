@@ -204,7 +204,12 @@ def export_stage1(model: Blip2QFormerForPretraining, out: str | Path) -> Path:
 
 def import_stage1(path: str | Path, dec_token_id: int | None = None) -> Blip2QFormerForPretraining:
     """Load a ``Blip2ForImageTextRetrieval`` directory (ours or one in Salesforce's layout) as a stage-1
-    model. Without a side file, the ITG head starts fresh and ``dec_token_id`` must be given."""
+    model.
+
+    With our side file, the ITG head, the temperature and the ``[DEC]`` id come back. Without it (what
+    transformers saves, e.g. ``Salesforce/blip2-itm-vit-g``), the model scores ITC and ITM as is and has
+    no ITG head, unless ``dec_token_id`` is given: then a fresh ITG head is built (to train stage 1 on
+    from there)."""
     path = Path(path)
     retrieval = Blip2ForImageTextRetrieval.from_pretrained(path)
     extras_path = path / STAGE1_EXTRAS
@@ -212,8 +217,11 @@ def import_stage1(path: str | Path, dec_token_id: int | None = None) -> Blip2QFo
     if extras_path.exists() and dec_token_id is None:
         with safe_open(extras_path, "pt") as handle:
             dec_token_id = int(handle.metadata()["dec_token_id"])
-    if dec_token_id is None:
-        raise ValueError(f"{path} has no {STAGE1_EXTRAS}: pass the Q-Former tokenizer's [DEC] id")
     model = Blip2QFormerForPretraining(retrieval.config, retrieval.vision_model, dec_token_id)
-    model.load_state_dict({**retrieval.state_dict(), **extras}, strict=False)
+    missing, unexpected = model.load_state_dict({**retrieval.state_dict(), **extras}, strict=False)
+    # Only what Blip2ForImageTextRetrieval lacks may start fresh: the ITG head and the temperature.
+    fresh = [k for k in missing if not k.startswith(("itg_head.", "temp"))]
+    if fresh or unexpected:
+        raise ValueError(f"{path}: the checkpoint does not fit a stage-1 model: missing {fresh[:3]}, "
+                         f"unexpected {unexpected[:3]}")
     return model

@@ -76,8 +76,10 @@ class QFormerPass:
 class Blip2QFormerForPretraining(nn.Module):
     """Frozen image encoder + Q-Former + ITC/ITM/ITG heads (stage 1). See the module docstring."""
 
-    def __init__(self, config: Blip2Config, vision_model: Blip2VisionModel, dec_token_id: int,
+    def __init__(self, config: Blip2Config, vision_model: Blip2VisionModel, dec_token_id: int | None,
                  temperature: float = 0.07) -> None:
+        """``dec_token_id`` None builds no ITG head: a retrieval model (ITC and ITM only), as
+        ``Blip2ForImageTextRetrieval`` checkpoints published without one load."""
         super().__init__()
         qformer_config = config.qformer_config
         if not qformer_config.use_qformer_text_input:
@@ -92,7 +94,7 @@ class Blip2QFormerForPretraining(nn.Module):
         self.vision_projection = nn.Linear(qformer_config.hidden_size, config.image_text_hidden_size)
         self.text_projection = nn.Linear(qformer_config.hidden_size, config.image_text_hidden_size)
         self.itm_head = nn.Linear(qformer_config.hidden_size, 2)
-        self.itg_head = ItgHead(qformer_config, self.embeddings.word_embeddings)
+        self.itg_head = None if dec_token_id is None else ItgHead(qformer_config, self.embeddings.word_embeddings)
         self.temp = nn.Parameter(torch.tensor(float(temperature)))
         # nn.Embedding's default N(0, 1) is far too large beside BERT-style 0.02 weights.
         for module in (self.embeddings.word_embeddings, self.embeddings.position_embeddings):
@@ -172,6 +174,9 @@ class Blip2QFormerForPretraining(nn.Module):
     def itg_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image-grounded LM logits (B, T, V) and the ``[DEC]``-led ids they predict (B, T)."""
+        if self.itg_head is None:
+            raise RuntimeError("this stage-1 model has no ITG head (loaded from a retrieval checkpoint without "
+                               "one): it scores (ITC, ITM) but cannot be trained or generate with ITG")
         decoder_ids = input_ids.clone()
         decoder_ids[:, 0] = self.dec_token_id  # ITG starts with [DEC] where ITC/ITM start with [CLS]
         text_output = self.qformer_pass(image_embeds, decoder_ids, attention_mask, "itg").text_output

@@ -92,11 +92,30 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
     """A JSON object, or a 400 that says what is wrong with it."""
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except RecursionError:  # nested deeper than the parser's stack allows: a RuntimeError, not a ValueError
+        raise RequestError(400, "invalid_json", "the body is not valid JSON: nested too deeply") from None
+    except Exception as error:  # noqa: BLE001 - whatever the parser raises on untrusted bytes is the client's 400
         raise RequestError(400, "invalid_json", f"the body is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise RequestError(400, "invalid_json", f"the body must be a JSON object, got {type(data).__name__}")
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise RequestError(400, "invalid_json", f"the body is nested more than {MAX_JSON_DEPTH} levels deep")
     return data
+
+
+MAX_JSON_DEPTH = 32  # no request needs more; deeper values would make later checks (repr, copies) recurse
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            if level <= MAX_JSON_DEPTH:  # no need to look further down
+                stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def media_type(content_type: str | None) -> str:

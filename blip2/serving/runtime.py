@@ -273,8 +273,10 @@ def load_retrieval(source: str, tokenizer: str = "", image_processor: str = "",
         processor = fallback.image_processor
     else:
         raise ValueError(f"{source}: no image processor; set the retrieval image processor in the config")
-    if len(text_tokenizer) != model.config.qformer_config.vocab_size:
-        raise ValueError(f"{source}: the tokenizer has {len(text_tokenizer)} tokens, the Q-Former "
+    # Fewer tokens than embedding rows is normal: Salesforce's Q-Former has a row for the [DEC] token its
+    # published BERT tokenizer lacks. More would index past the embeddings.
+    if len(text_tokenizer) > model.config.qformer_config.vocab_size:
+        raise ValueError(f"{source}: the tokenizer has {len(text_tokenizer)} tokens, the Q-Former only "
                          f"{model.config.qformer_config.vocab_size}: they do not belong together")
     return RetrievalModel(model, text_tokenizer, processor)
 

@@ -258,3 +258,15 @@ def test_itc_score_is_the_models_own_similarity(records, tmp_path, one_thread):
     np.testing.assert_allclose(scores, expected.numpy(), atol=1e-5)
     with pytest.raises(ValueError):
         FilterConfig(score="itm", threshold=-0.5)
+
+
+def test_the_filter_loads_a_retrieval_directory_in_salesforce_layout(records, tmp_path, one_thread):
+    """No side file of ours and a tokenizer without [DEC]: the filter needs ITM and ITC only."""
+    from tests.blip2.test_serving_runtime import write_salesforce_layout_retrieval
+
+    write_salesforce_layout_retrieval(tmp_path / "itm")
+    scorer = CaptionFilter(FilterConfig(source=str(tmp_path / "itm"), threshold=0.0))
+    assert scorer.model.itg_head is None
+    rows = [r for r in _decoded(records[:1], "webdataset", tmp_path) if r["status"] == "ok"]
+    (scores,) = scorer.score(np.stack([r["pixels"] for r in rows]), [["a small red circle on the left", "a dog"]])
+    assert len(scores) == 2 and all(0 <= s <= 1 for s in scores)

@@ -84,6 +84,9 @@ def test_json_body_and_media_type():
     refused(lambda: parse_json_body(b'{"a": '), 400, "invalid_json")
     refused(lambda: parse_json_body(b"\xff\xfe"), 400, "invalid_json")
     refused(lambda: parse_json_body(b"[1]"), 400, "invalid_json")
+    refused(lambda: parse_json_body(b"[" * 100_000 + b"]" * 100_000), 400, "invalid_json")  # RecursionError inside
+    refused(lambda: parse_json_body(b'{"a": ' + b"[" * 500 + b"]" * 500 + b"}"), 400, "invalid_json")  # parses; too deep
+    refused(lambda: parse_json_body(b'{"a": NaN'), 400, "invalid_json")
     assert require_media_type("Application/JSON; charset=utf-8", ("application/json",)) == "application/json"
     refused(lambda: require_media_type("text/plain", ("application/json",)), 415, "unsupported_media_type")
     refused(lambda: require_media_type(None, ("application/json",)), 415, "unsupported_media_type")

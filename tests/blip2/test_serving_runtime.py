@@ -1,12 +1,20 @@
 """The batched runtime over real toy models: the instruction reaches the Q-Former, a batch answers as
 its requests do one by one, and exported directories load through the same code as the presets."""
 
+import copy
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer, BertTokenizer, Blip2ForImageTextRetrieval
+
+from blip2.backbones.build import find_backbones
 
 from blip2.models.export import export_blip2, export_instructblip, export_stage1
 from blip2.models.generation import GenerationParams
+from blip2.models.stage1 import build_stage1_model
 from blip2.models.stage2 import unwrap
 from blip2.serving.requests import EmbedRequest, GenerationRequest, MatchRequest
 from blip2.serving.runtime import TOY_STAGE1, VisionLanguageRuntime, load_bundle, load_retrieval, load_runtime
@@ -93,6 +101,46 @@ def test_exported_directories_serve_like_the_models_they_came_from(instruct_runt
     assert [r.text for r in loaded.generate(requests)] == [r.text for r in instruct_runtime.generate(requests)]
     pairs = [MatchRequest(images[0], "a small red circle on the left")]
     assert loaded.match(pairs)[0].itm_probability == pytest.approx(instruct_runtime.match(pairs)[0].itm_probability, abs=1e-5)
+
+
+def write_salesforce_layout_retrieval(out: Path) -> Blip2ForImageTextRetrieval:
+    """A retrieval directory as Salesforce published ``blip2-itm-vit-g``, written by transformers itself:
+    ``Blip2ForImageTextRetrieval.save_pretrained`` (random weights), a BERT WordPiece tokenizer with no
+    ``[DEC]`` whose Q-Former has one embedding row more than it has tokens (LAVIS added ``[DEC]`` to
+    the model, not to the published tokenizer), the image processor; no side file of ours."""
+    backbones = find_backbones()
+    toy = AutoTokenizer.from_pretrained(backbones.qformer_tokenizer)
+    words = [t for t, _ in sorted(toy.get_vocab().items(), key=lambda item: item[1]) if t != "[DEC]"]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+    config = copy.deepcopy(build_stage1_model(backbones.vision, backbones.qformer_tokenizer).config)
+    config.qformer_config.vocab_size = len(tokenizer) + 1
+    torch.manual_seed(1)
+    model = Blip2ForImageTextRetrieval(config).eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    AutoImageProcessor.from_pretrained(backbones.vision).save_pretrained(out)
+    return model
+
+
+def test_a_retrieval_directory_in_salesforce_layout_scores_as_transformers_does(instruct_runtime, tmp_path):
+    theirs = write_salesforce_layout_retrieval(tmp_path / "itm")
+    retrieval = load_retrieval(str(tmp_path / "itm"))
+    assert retrieval.model.itg_head is None and "[DEC]" not in retrieval.tokenizer.get_vocab()
+    runtime = VisionLanguageRuntime(instruct_runtime.bundle, retrieval)
+    images, texts = toy_images(2), ["a large red circle on the left", "a small blue star"]
+    got = runtime.match([MatchRequest(i, t) for i, t in zip(images, texts)])
+    inputs = retrieval.tokenizer(texts, padding=True, return_tensors="pt")
+    pixels = retrieval.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        itm = theirs(pixel_values=pixels, **inputs, use_image_text_matching_head=True).logits_per_image.softmax(-1)
+        itc = theirs(pixel_values=pixels, **inputs).logits_per_image.diagonal()
+    assert [m.itm_probability for m in got] == pytest.approx(itm[:, 1].tolist(), abs=1e-5)
+    assert [m.itc_similarity for m in got] == pytest.approx(itc.tolist(), abs=1e-5)
+    embedded = runtime.embed([EmbedRequest(images[0], texts[0])])[0]
+    assert len(embedded.image_embedding) == theirs.config.num_query_tokens
+    runtime.health_check()
+    with pytest.raises(RuntimeError, match="no ITG head"):
+        retrieval.model.itg_logits(retrieval.model.encode_images(pixels), inputs["input_ids"], inputs["attention_mask"])
 
 
 def test_blip2_captions_without_a_prompt_and_answers_with_the_template(tmp_path):

@@ -181,6 +181,11 @@ def bad_requests(config):
         ("malformed JSON", "/v1/caption", {"content": b"{\"image\": ", "headers": {"content-type": "application/json"}},
          400, "invalid_json"),
         ("JSON that is not an object", "/v1/caption", {"json": [1, 2]}, 400, "invalid_json"),
+        ("JSON nested 100,000 levels", "/v1/caption", {"content": b"[" * 100_000 + b"]" * 100_000,
+                                                       "headers": {"content-type": "application/json"}}, 400, "invalid_json"),
+        ("chat nested 100,000 levels", "/v1/chat/completions", {"content": b'{"messages": ' + b"[" * 100_000,
+                                                                "headers": {"content-type": "application/json"}},
+         400, "invalid_json"),
         ("missing image", "/v1/caption", {"json": {"max_new_tokens": 3}}, 400, "missing_field"),
         ("missing instruction", "/v1/answer", {"json": good}, 400, "missing_field"),
         ("missing text", "/v1/match", {"json": good}, 400, "missing_field"),
@@ -210,6 +215,29 @@ def test_bad_input_gets_a_4xx_json_reason_and_the_server_stays_up(server):
         assert error["code"] == code and error["message"], (name, error)
     assert client.post("/v1/caption", json={"image": b64(png())}).status_code == 200
     assert client.get("/healthz").status_code == 200
+
+
+def test_a_retrieval_directory_in_salesforce_layout_serves_match_and_embed(server, tmp_path):
+    """What transformers saves for ``Blip2ForImageTextRetrieval`` (no side file of ours, a tokenizer
+    without [DEC]) deploys and answers /v1/match and /v1/embed."""
+    from ray import serve
+
+    from tests.blip2.test_serving_runtime import write_salesforce_layout_retrieval
+
+    client, _ = server
+    write_salesforce_layout_retrieval(tmp_path / "itm")
+    config = load_config(ServeConfig, CONFIG_DIR / "serve_toy.yaml", [
+        *TEST_OVERRIDES, f"model.retrieval={tmp_path / 'itm'}", "replica.num_cpus=0.25", "autoscaling.max_replicas=1",
+        f"http.port={client.base_url.port}"])
+    serve.run(application(config), name="itm", route_prefix="/itm")
+    try:
+        match = client.post("/itm/v1/match", json={"image": b64(png()), "text": "a large red circle"})
+        assert match.status_code == 200, match.text
+        assert 0 <= match.json()["itm_probability"] <= 1
+        embed = client.post("/itm/v1/embed", json={"image": b64(png()), "text": "a red circle"}).json()
+        assert len(embed["image_embedding"]) == 8 and len(embed["text_embedding"]) == len(embed["image_embedding"][0])
+    finally:
+        serve.delete("itm")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -94,15 +94,18 @@ def test_import_of_a_directory_saved_by_transformers_itself(backbones, tokenizer
     source = tiny_model(backbones)
     theirs = Blip2ForImageTextRetrieval(source.config).eval()  # random weights, Salesforce's layout
     theirs.save_pretrained(tmp_path / "hub")
-    with pytest.raises(ValueError, match="DEC"):
-        import_stage1(tmp_path / "hub")
-    ours = import_stage1(tmp_path / "hub", dec_token_id=source.dec_token_id).eval()
+    scorer = import_stage1(tmp_path / "hub")  # ITC and ITM as published; no ITG head, no [DEC] needed
+    assert scorer.itg_head is None and scorer.dec_token_id is None
+    ours = import_stage1(tmp_path / "hub", dec_token_id=source.dec_token_id).eval()  # a fresh ITG head to train
+    assert ours.itg_head is not None
     pixels, input_ids, attention_mask, _ = toy_batch(tokenizer, n=3)
     with torch.no_grad():
         expected = theirs(pixel_values=pixels, input_ids=input_ids, attention_mask=attention_mask,
                           use_image_text_matching_head=True).logits_per_image
         got = ours.itm_logits(ours.encode_images(pixels), input_ids, attention_mask)
+        scored = scorer.eval().itm_logits(scorer.encode_images(pixels), input_ids, attention_mask)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scored, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bert_initialisation_copies_self_attention_and_ffn_not_cross_attention(backbones, tokenizer, tmp_path):
