@@ -92,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"  web alt-texts wrong: {sum(noisy.values())}/{total} ({', '.join(f'{k} {v}' for k, v in noisy.items())})")
     log(f"  novel colour x shape pairs (absent from every other split): "
         + ", ".join(f"{c} {s}" for c, s in manifest["novel_pairs"]))
+    if config.world.standard:
+        log(f"  val/test/novel also in COCO captions, Karpathy, VQAv2 and GQA formats under {config.out}/standard "
+            f"(blip2 evaluate reads them)")
     return 0
 
 

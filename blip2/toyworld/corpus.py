@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from blip2.toyworld.standard import HELD_OUT_SPLITS, write_standard_split
 from blip2.toyworld.text import CAPTION_TEMPLATES, caption, junk_text, random_caption
 from blip2.toyworld.world import (
     ATTRIBUTES,
@@ -62,6 +63,7 @@ class ToyWorldConfig:
     jpeg_quality: int = 92
     parquet: bool = True  # also write Parquet shards (image bytes + columns)
     webdataset: bool = True
+    standard: bool = True  # also write val/test/novel in COCO / Karpathy / VQAv2 / GQA formats (standard.py)
 
     def __post_init__(self) -> None:
         if self.image_size < 32 or self.image_size % 8:
@@ -211,8 +213,9 @@ class ToyWorldSummary:
 
 
 def write_toyworld(config: ToyWorldConfig, out: str | Path) -> ToyWorldSummary:
-    """Write every split under ``out``: ``webdataset/<split>/*.tar``, ``parquet/<split>/*.parquet`` and
-    ``manifest.json``. Returns the summary that the manifest holds."""
+    """Write every split under ``out``: ``webdataset/<split>/*.tar``, ``parquet/<split>/*.parquet``, the
+    held-out splits in standard formats under ``standard/`` and ``manifest.json``. Returns the summary
+    that the manifest holds."""
     out = Path(out)
     summary = ToyWorldSummary(config=asdict(config), novel_pairs=[list(p) for p in NOVEL_PAIRS])
     for split in SPLITS:
@@ -225,6 +228,8 @@ def write_toyworld(config: ToyWorldConfig, out: str | Path) -> ToyWorldSummary:
             files += write_webdataset(records, out / "webdataset" / split, config.shard_size, config.image_size)
         if config.parquet:
             files += write_parquet(records, out / "parquet" / split, config.shard_size)
+        if config.standard and split in HELD_OUT_SPLITS:
+            files += [p for p in write_standard_split(records, split, out, config.seed).values() if p.is_file()]
         summary.files[split] = [str(p.relative_to(out)) for p in files]
     (out / "manifest.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     return summary
