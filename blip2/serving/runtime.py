@@ -97,13 +97,13 @@ class VisionLanguageRuntime:
         bundle.model.to(self.device).eval()
         if retrieval is not None:
             retrieval.model.to(self.device).eval()
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         config = unwrap(bundle.model).config
         self._num_query_tokens = config.num_query_tokens
         text_config = config.text_config
         # Decoder-only LLMs read queries + prompt + new tokens in one window of positions.
         self._llm_positions = None if text_config.is_encoder_decoder else text_config.max_position_embeddings
-        self._qformer_length = min(settings.max_text_length, config.qformer_config.max_position_embeddings)
+        self.qformer_length = min(settings.max_text_length, config.qformer_config.max_position_embeddings)
 
     @property
     def is_instruct(self) -> bool:
@@ -129,13 +129,15 @@ class VisionLanguageRuntime:
                 results[index] = result
         return results  # type: ignore[return-value]
 
-    def _prompts(self, requests: Sequence[GenerationRequest]) -> list[str]:
+    def prompts(self, requests: Sequence[GenerationRequest]) -> list[str]:
+        """The LLM prompt of each request (InstructBLIP: also its Q-Former text)."""
         if self.is_instruct:
             return [r.instruction or self.settings.caption_instruction for r in requests]
         return ["" if r.instruction is None else self.settings.answer_prompt.format(instruction=r.instruction)
                 for r in requests]
 
-    def _max_text_length(self, params: GenerationParams) -> int:
+    def max_text_length(self, params: GenerationParams) -> int:
+        """The most prompt tokens that leave room for ``params.max_new_tokens`` in the LLM's window."""
         if self._llm_positions is None:
             return self.settings.max_text_length
         budget = self._llm_positions - self._num_query_tokens - params.max_new_tokens
@@ -147,14 +149,14 @@ class VisionLanguageRuntime:
     def _generate_group(self, requests: Sequence[GenerationRequest], params: GenerationParams,
                         seed: int | None) -> list[GenerationResult]:
         tokenizer = self.bundle.tokenizer
-        prompts = self._prompts(requests)
-        max_text_length = self._max_text_length(params)
+        prompts = self.prompts(requests)
+        max_text_length = self.max_text_length(params)
         qformer_ids = qformer_mask = None
-        with self._lock, torch.no_grad():
+        with self.lock, torch.no_grad():
             pixel_values = self._pixels(self.bundle.image_processor, [r.image for r in requests])
             if self.is_instruct:
                 qformer_ids, qformer_mask = encode_qformer_instructions(self.bundle.qformer_tokenizer, prompts,
-                                                                        self._qformer_length)
+                                                                        self.qformer_length)
             ids = generate_ids(self.bundle.model, tokenizer, pixel_values, prompts, params, seed, max_text_length,
                                qformer_ids, qformer_mask).cpu()  # (B, L)
         texts = decode(tokenizer, ids)
@@ -169,6 +171,10 @@ class VisionLanguageRuntime:
             results.append(GenerationResult(text, self._num_query_tokens + prompt_length, len(tokens),
                                             "stop" if stopped else "length"))
         return results
+
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The generative model's pixel_values, (B, 3, H, W) on its device."""
+        return self._pixels(self.bundle.image_processor, images)
 
     def _pixels(self, image_processor: BaseImageProcessor, images: Sequence[Image.Image]) -> torch.Tensor:
         """(B, 3, H, W) on the model's device."""
@@ -190,7 +196,7 @@ class VisionLanguageRuntime:
     def match(self, requests: Sequence[MatchRequest]) -> list[MatchResult]:
         """ITM probability and ITC similarity of each (image, text) pair."""
         retrieval = self._require_retrieval()
-        with self._lock, torch.no_grad():
+        with self.lock, torch.no_grad():
             image_embeds = retrieval.model.encode_images(
                 self._pixels(retrieval.image_processor, [r.image for r in requests]))  # (B, N, D)
             input_ids, attention_mask = self._encode_texts(retrieval, [r.text for r in requests])
@@ -205,7 +211,7 @@ class VisionLanguageRuntime:
         text_rows = [i for i, r in enumerate(requests) if r.text is not None]
         image_features: dict[int, list[list[float]]] = {}
         text_features: dict[int, list[float]] = {}
-        with self._lock, torch.no_grad():
+        with self.lock, torch.no_grad():
             if image_rows:
                 embeds = retrieval.model.encode_images(
                     self._pixels(retrieval.image_processor, [requests[i].image for i in image_rows]))

@@ -1,0 +1,108 @@
+"""Continuous batching against transformers' ``generate``: requests that join a running batch at different
+steps, with prompts and lengths of their own, decode exactly as each does alone; sampling follows each
+request's seed whatever its batch-mates; a cancelled request leaves without disturbing the others."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from blip2.models.generation import GenerationParams
+from blip2.serving.decoding import ContinuousDecoder, supports
+from blip2.serving.requests import GenerationRequest
+from blip2.serving.runtime import load_runtime
+from blip2.toyworld.world import all_attributes, render
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def toy_images(n: int) -> list[Image.Image]:
+    attributes = all_attributes()[:: max(1, len(all_attributes()) // n)][:n]
+    rng = np.random.default_rng(1)
+    return [Image.fromarray(render(a, rng)) for a in attributes]
+
+
+def run(decoder: ContinuousDecoder, arrivals: dict[int, list[GenerationRequest]]) -> dict[int, tuple[str, object]]:
+    """Submit ``arrivals[step]`` before step ``step``; run to the end: id -> (joined text pieces, result)."""
+    pieces: dict[int, list[str]] = {}
+    results = {}
+    order = []
+    step = 0
+    while step <= max(arrivals) or decoder.has_work():
+        for request in arrivals.get(step, []):
+            order.append(decoder.submit(request))
+        for event in decoder.step():
+            pieces.setdefault(event.request_id, []).append(event.text)
+            if event.result is not None:
+                assert event.request_id not in results, "a request finished twice"
+                results[event.request_id] = event.result
+        step += 1
+        assert step < 200, "the decode loop does not end"
+    return {i: ("".join(pieces[i]), results[i]) for i in order}
+
+
+def requests_at_different_steps(images: list[Image.Image]) -> dict[int, list[GenerationRequest]]:
+    forced = GenerationParams(max_new_tokens=9, min_new_tokens=9)
+    return {
+        0: [GenerationRequest(images[0], None, GenerationParams(max_new_tokens=12)),
+            GenerationRequest(images[1], "what colour is the shape in this picture?", forced)],
+        2: [GenerationRequest(images[2], "what shape?", GenerationParams(max_new_tokens=4, min_new_tokens=2))],
+        3: [GenerationRequest(images[3], "where is the shape?", GenerationParams(max_new_tokens=14, min_new_tokens=14)),
+            GenerationRequest(images[4], None, GenerationParams(max_new_tokens=3, min_new_tokens=3))],
+        6: [GenerationRequest(images[5], "is there a large red circle on the left of the image?", forced)],
+    }
+
+
+@pytest.mark.parametrize("preset", ["toy-opt", "toy-t5", "toy-instruct-opt", "toy-instruct-t5"])
+def test_greedy_tokens_equal_generate_alone_when_requests_join_at_different_steps(preset):
+    runtime = load_runtime(preset)
+    arrivals = requests_at_different_steps(toy_images(6))
+    decoder = ContinuousDecoder(runtime, max_batch_size=4)  # the last arrival waits for a free row
+    streamed = run(decoder, arrivals)
+    requests = [r for step in sorted(arrivals) for r in arrivals[step]]
+    alone = [runtime.generate([r])[0] for r in requests]
+    for (text, result), expected, request in zip(streamed.values(), alone, requests, strict=True):
+        assert result == expected, request
+        assert text == expected.text  # the streamed pieces add up to the answer, nothing twice
+        assert request.params.min_new_tokens <= result.completion_tokens <= request.params.max_new_tokens
+    assert sum(r.completion_tokens for r in alone) > 40  # long enough to be a test of the cache
+    assert decoder.running == [] and decoder._cache is None
+
+
+def test_sampling_follows_each_requests_seed_whatever_its_batch_mates():
+    runtime = load_runtime("toy-instruct-opt")
+    images = toy_images(3)
+    sampled = GenerationParams(max_new_tokens=10, min_new_tokens=10, do_sample=True, temperature=1.5, top_p=0.95)
+    target = GenerationRequest(images[0], "describe the image.", sampled, seed=11)
+    alone = run(ContinuousDecoder(runtime), {0: [target]})
+    crowded = run(ContinuousDecoder(runtime), {0: [GenerationRequest(images[1], None, sampled, seed=3)],
+                                               1: [target, GenerationRequest(images[2], "what shape?", sampled, seed=4)]})
+    other_seed = run(ContinuousDecoder(runtime), {0: [GenerationRequest(images[0], "describe the image.", sampled, seed=12)]})
+    assert list(alone.values())[0] == list(crowded.values())[1]
+    assert list(alone.values())[0][0] != list(other_seed.values())[0][0]
+
+
+def test_a_cancelled_request_leaves_and_the_others_are_unchanged():
+    runtime = load_runtime("toy-opt")
+    images = toy_images(3)
+    forced = GenerationParams(max_new_tokens=10, min_new_tokens=10)
+    requests = [GenerationRequest(image, None, forced) for image in images]
+    decoder = ContinuousDecoder(runtime)
+    ids = [decoder.submit(r) for r in requests]
+    seen: dict[int, list] = {i: [] for i in ids}
+    for _ in range(3):
+        for event in decoder.step():
+            seen[event.request_id].append(event)
+    decoder.cancel(ids[1])
+    while decoder.has_work():
+        for event in decoder.step():
+            seen[event.request_id].append(event)
+    assert len(seen[ids[1]]) == 3 and seen[ids[1]][-1].result is None  # no event after the cancel
+    for i, request in zip((ids[0], ids[2]), (requests[0], requests[2])):
+        assert seen[i][-1].result == runtime.generate([request])[0]
+
+
+def test_beam_search_is_not_decoded_step_by_step():
+    assert supports(GenerationParams()) and not supports(GenerationParams(num_beams=2))
+    with pytest.raises(ValueError, match="beam"):
+        ContinuousDecoder(load_runtime("toy-opt")).submit(
+            GenerationRequest(toy_images(1)[0], None, GenerationParams(num_beams=2)))
