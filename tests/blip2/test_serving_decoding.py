@@ -74,9 +74,11 @@ def test_sampling_follows_each_requests_seed_whatever_its_batch_mates():
     sampled = GenerationParams(max_new_tokens=10, min_new_tokens=10, do_sample=True, temperature=1.5, top_p=0.95)
     target = GenerationRequest(images[0], "describe the image.", sampled, seed=11)
     alone = run(ContinuousDecoder(runtime), {0: [target]})
-    crowded = run(ContinuousDecoder(runtime), {0: [GenerationRequest(images[1], None, sampled, seed=3)],
-                                               1: [target, GenerationRequest(images[2], "what shape?", sampled, seed=4)]})
-    other_seed = run(ContinuousDecoder(runtime), {0: [GenerationRequest(images[0], "describe the image.", sampled, seed=12)]})
+    crowded = run(ContinuousDecoder(runtime), {
+        0: [GenerationRequest(images[1], None, sampled, seed=3)],
+        1: [target, GenerationRequest(images[2], "what shape?", sampled, seed=4)]})
+    other = GenerationRequest(images[0], "describe the image.", sampled, seed=12)
+    other_seed = run(ContinuousDecoder(runtime), {0: [other]})
     assert list(alone.values())[0] == list(crowded.values())[1]
     assert list(alone.values())[0][0] != list(other_seed.values())[0][0]
 
