@@ -1,9 +1,7 @@
-"""The OpenAI chat-completions format: a conversation in, one (image, instruction) generation out.
+"""The OpenAI chat-completions format: a conversation in, one generation about its image out.
 
-BLIP-2 answers about one image and holds no dialogue state, so a conversation reduces to the image and
-the instruction it is asked about: the *last* image in any user message (``image_url`` parts with a
-``data:`` URL; remote URLs are refused, the server fetches nothing) and the text of the last user
-message. No text means "caption the image". System and assistant messages are accepted and not used.
+The messages become an image, the last user turn and the earlier turns (:mod:`blip2.serving.conversation`,
+which also documents the prompt template); the runtime renders them into the LLM prompt.
 """
 
 from __future__ import annotations
@@ -16,17 +14,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from blip2.serving.requests import (
-    GenerationRequest,
-    RequestError,
-    RequestLimits,
-    decode_base64,
-    decode_image,
-    generation_params,
-)
+from blip2.serving.conversation import parse_messages
+from blip2.serving.requests import GenerationRequest, RequestError, RequestLimits, decode_image, generation_params
 from blip2.serving.runtime import GenerationResult
-
-ROLES = ("system", "developer", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -41,15 +31,6 @@ def _invalid(message: str) -> RequestError:
     return RequestError(400, "invalid_field", message)
 
 
-def _parts(content: Any, index: int) -> list[Mapping[str, Any]]:
-    """A message's content as a list of parts (a plain string is one text part)."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if not isinstance(content, list) or not all(isinstance(p, Mapping) for p in content):
-        raise _invalid(f"messages[{index}].content must be a string or a list of parts")
-    return content
-
-
 def chat_request(data: Mapping[str, Any], limits: RequestLimits, model_id: str) -> ChatRequest:
     """Parse a chat-completions body; ``model`` must be ``model_id`` (404 otherwise, as OpenAI answers)."""
     model = data.get("model")
@@ -57,11 +38,6 @@ def chat_request(data: Mapping[str, Any], limits: RequestLimits, model_id: str) 
         raise RequestError(400, "missing_field", "the field 'model' is required")
     if model != model_id:
         raise RequestError(404, "model_not_found", f"the model {model!r} does not exist; this server serves {model_id!r}")
-    messages = data.get("messages")
-    if messages is None:
-        raise RequestError(400, "missing_field", "the field 'messages' is required")
-    if not isinstance(messages, list) or not messages:
-        raise _invalid("messages must be a non-empty list")
     n = data.get("n", 1)
     if n != 1:
         raise _invalid(f"n must be 1 (one completion per request), got {n!r}")
@@ -72,40 +48,11 @@ def chat_request(data: Mapping[str, Any], limits: RequestLimits, model_id: str) 
     if not isinstance(options, Mapping):
         raise _invalid("stream_options must be an object")
 
-    image_bytes, instruction = None, None
-    for index, message in enumerate(messages):
-        if not isinstance(message, Mapping) or message.get("role") not in ROLES:
-            raise _invalid(f"messages[{index}] must be an object with a role in {ROLES}")
-        if message["role"] != "user":
-            continue
-        texts = []
-        for part in _parts(message.get("content"), index):
-            kind = part.get("type")
-            if kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif kind == "image_url":
-                url = part.get("image_url")
-                url = url.get("url") if isinstance(url, Mapping) else url
-                if not isinstance(url, str):
-                    raise _invalid(f"messages[{index}]: image_url needs a 'url'")
-                if not url.startswith("data:"):
-                    raise RequestError(400, "invalid_image_payload",
-                                       "image_url: only data: URLs are accepted (the server fetches nothing)")
-                image_bytes = decode_base64(url, "image_url")
-            else:
-                raise _invalid(f"messages[{index}]: unsupported content part {kind!r} (use 'text' or 'image_url')")
-        instruction = " ".join(t.strip() for t in texts if t.strip())
-    if image_bytes is None:
-        raise RequestError(400, "missing_field", "the conversation has no image: add an image_url part with a data: URL")
-    if instruction is None:
-        raise RequestError(400, "missing_field", "the conversation has no user message")
-    if len(instruction) > limits.max_instruction_chars:
-        raise RequestError(400, "instruction_too_long", f"the instruction has {len(instruction)} characters; "
-                                                        f"the limit is {limits.max_instruction_chars}")
+    conversation = parse_messages(data.get("messages"), limits)
     params, seed = generation_params(data, limits, max_tokens_names=("max_completion_tokens", "max_tokens"))
-    image = decode_image(image_bytes, limits, "image_url")
-    return ChatRequest(GenerationRequest(image, instruction or None, params, seed), model, stream,
-                       bool(options.get("include_usage", False)))
+    image = decode_image(conversation.image, limits, "image_url")
+    generation = GenerationRequest(image, conversation.instruction, params, seed, conversation.history)
+    return ChatRequest(generation, model, stream, bool(options.get("include_usage", False)))
 
 
 def _usage(result: GenerationResult) -> dict[str, int]:

@@ -176,7 +176,7 @@ class ContinuousDecoder:
         pixel_values = pixel_values.to(model.vision_model.embeddings.patch_embedding.weight.dtype)
         if runtime.is_instruct:
             qformer_ids, qformer_mask = encode_qformer_instructions(
-                runtime.bundle.qformer_tokenizer, runtime.prompts(requests), runtime.qformer_length)
+                runtime.bundle.qformer_tokenizer, runtime.qformer_texts(requests), runtime.qformer_length)
             features = model.get_image_features(pixel_values, qformer_input_ids=qformer_ids.to(device),
                                                 qformer_attention_mask=qformer_mask.to(device))
         else:

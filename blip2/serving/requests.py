@@ -48,6 +48,7 @@ class RequestLimits:
     max_temperature: float = 2.0
     max_instruction_chars: int = 1000
     max_text_chars: int = 1000  # /v1/match and /v1/embed texts
+    max_conversation_chars: int = 8000  # all the text of a chat conversation (its last turn: max_instruction_chars)
     max_image_pixels: int = 4_000_000  # decoded width x height; bigger is a decompression bomb
     max_image_side: int = 4096
 
@@ -56,18 +57,21 @@ class RequestLimits:
             raise ValueError("default_max_new_tokens must be in [1, max_new_tokens]")
         if self.max_num_beams < 1 or self.max_temperature <= 0:
             raise ValueError("max_num_beams must be >= 1 and max_temperature > 0")
-        if min(self.max_instruction_chars, self.max_text_chars, self.max_image_pixels, self.max_image_side) < 1:
+        if min(self.max_instruction_chars, self.max_text_chars, self.max_conversation_chars, self.max_image_pixels,
+               self.max_image_side) < 1:
             raise ValueError("character and pixel limits must be >= 1")
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Caption (``instruction`` None) or answer one image."""
+    """Caption (``instruction`` None) or answer one image; ``history``: the earlier turns of a chat
+    conversation, ``(role, text)`` (rendered into the LLM prompt by :mod:`blip2.serving.conversation`)."""
 
     image: Image.Image
     instruction: str | None
     params: GenerationParams
     seed: int | None = None
+    history: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ and answers mixed, groups them by decoding parameters and runs each group as one
 
 - InstructBLIP: the instruction enters the Q-Former beside the queries *and* is the LLM's prompt; a
   caption request uses ``caption_instruction``;
-- BLIP-2: no Q-Former text; a caption has no prompt, an answer is prompted with ``answer_prompt``.
+- BLIP-2: no Q-Former text; a caption has no prompt, an answer is prompted with ``answer_prompt``;
+- a chat conversation's earlier turns come before that prompt (:mod:`blip2.serving.conversation`); the
+  InstructBLIP Q-Former still reads only the last question.
 
 :func:`load_runtime` builds one from sources: a preset name (``toy-instruct-opt``, ...) or a
 transformers directory (what ``export_blip2`` / ``export_instructblip`` write, or Salesforce's) for the
@@ -36,6 +38,7 @@ from blip2.models.qformer import Blip2QFormerForPretraining
 from blip2.models.scoring import itc_similarity, itm_probability
 from blip2.models.stage1 import build_stage1_model
 from blip2.models.stage2 import encode_with_left_truncation, unwrap
+from blip2.serving.conversation import render_prompt
 from blip2.serving.requests import EmbedRequest, GenerationRequest, MatchRequest
 
 TOY_STAGE1 = "toy-stage1"  # a freshly built (untrained, seeded) stage-1 model over the toy backbones
@@ -129,12 +132,19 @@ class VisionLanguageRuntime:
                 results[index] = result
         return results  # type: ignore[return-value]
 
-    def prompts(self, requests: Sequence[GenerationRequest]) -> list[str]:
-        """The LLM prompt of each request (InstructBLIP: also its Q-Former text)."""
+    def _turn_prompt(self, instruction: str | None) -> str:
+        """The LLM prompt of one question (or of a caption, ``None``)."""
         if self.is_instruct:
-            return [r.instruction or self.settings.caption_instruction for r in requests]
-        return ["" if r.instruction is None else self.settings.answer_prompt.format(instruction=r.instruction)
-                for r in requests]
+            return instruction or self.settings.caption_instruction
+        return "" if instruction is None else self.settings.answer_prompt.format(instruction=instruction)
+
+    def prompts(self, requests: Sequence[GenerationRequest]) -> list[str]:
+        """The LLM's prompts: a chat conversation's earlier turns, then the question (``render_prompt``)."""
+        return [render_prompt(r.history, r.instruction, self._turn_prompt) for r in requests]
+
+    def qformer_texts(self, requests: Sequence[GenerationRequest]) -> list[str]:
+        """InstructBLIP's Q-Former reads the question alone, never the conversation before it."""
+        return [r.instruction or self.settings.caption_instruction for r in requests]
 
     def max_text_length(self, params: GenerationParams) -> int:
         """The most prompt tokens that leave room for ``params.max_new_tokens`` in the LLM's window."""
@@ -155,8 +165,8 @@ class VisionLanguageRuntime:
         with self.lock, torch.no_grad():
             pixel_values = self._pixels(self.bundle.image_processor, [r.image for r in requests])
             if self.is_instruct:
-                qformer_ids, qformer_mask = encode_qformer_instructions(self.bundle.qformer_tokenizer, prompts,
-                                                                        self.qformer_length)
+                qformer_ids, qformer_mask = encode_qformer_instructions(
+                    self.bundle.qformer_tokenizer, self.qformer_texts(requests), self.qformer_length)
             ids = generate_ids(self.bundle.model, tokenizer, pixel_values, prompts, params, seed, max_text_length,
                                qformer_ids, qformer_mask).cpu()  # (B, L)
         texts = decode(tokenizer, ids)

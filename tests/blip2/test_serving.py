@@ -145,9 +145,10 @@ def chat_body(**extra):
     ], **extra}
 
 
-def test_chat_takes_the_last_image_and_the_last_user_text():
+def test_chat_takes_the_image_the_last_user_turn_and_the_turns_before_it():
     chat = chat_request(chat_body(max_tokens=7, temperature=0.5, stream=True), LIMITS, "m")
     assert chat.generation.instruction == "what colour is it?" and chat.generation.image.size == (32, 32)
+    assert chat.generation.history == (("system", "be brief"), ("user", "hi"), ("assistant", "hello"))
     assert chat.generation.params.max_new_tokens == 7 and chat.generation.params.do_sample and chat.stream
     caption = chat_request({"model": "m", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(png())}"}}]}]}, LIMITS, "m")
@@ -170,6 +171,8 @@ def test_chat_takes_the_last_image_and_the_last_user_text():
         {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]}, 400, "invalid_image_payload"),
     ({"model": "m", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(b"junk")}}]}]}, 400, "not_an_image"),
+    (chat_body(messages=chat_body()["messages"] * 2), 400, "too_many_images"),
+    (chat_body(messages=chat_body()["messages"][:3]), 400, "missing_field"),  # ends with the assistant
 ])
 def test_bad_chat_requests(body, status, code):
     refused(lambda: chat_request(body, LIMITS, "m"), status, code)

@@ -50,6 +50,24 @@ def test_the_instruction_enters_the_qformer_of_instructblip(instruct_runtime):
     assert texts == ["what colour is the shape?", instruct_runtime.settings.caption_instruction]
 
 
+def test_a_conversation_prompts_the_llm_with_its_turns_and_the_qformer_with_the_last_one(instruct_runtime):
+    seen = []
+    qformer = unwrap(instruct_runtime.bundle.model).qformer
+    hook = qformer.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True)
+    history = (("system", "answer briefly."), ("user", "what colour is the shape?"), ("assistant", "red"))
+    image = toy_images(1)[0]
+    try:
+        chat, alone = instruct_runtime.generate([GenerationRequest(image, "what shape is it?", GREEDY, history=history),
+                                                 GenerationRequest(image, "what shape is it?", GREEDY)])
+    finally:
+        hook.remove()
+    texts = instruct_runtime.bundle.qformer_tokenizer.batch_decode(seen[0], skip_special_tokens=True)
+    assert texts == ["what shape is it?", "what shape is it?"]
+    prompt = "answer briefly.\nwhat colour is the shape? red\nwhat shape is it?"  # the documented template
+    tokens = len(instruct_runtime.bundle.tokenizer(prompt)["input_ids"])
+    assert chat.prompt_tokens == tokens + 8 and alone.prompt_tokens < chat.prompt_tokens
+
+
 def test_a_mixed_batch_answers_as_its_requests_do_alone(instruct_runtime):
     images = toy_images(4)
     requests = [GenerationRequest(images[0], None, GREEDY),

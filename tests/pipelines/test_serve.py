@@ -153,6 +153,29 @@ def test_openai_client_plain_and_streamed(server):
         api.chat.completions.create(model="no-such-model", messages=messages)
 
 
+def test_openai_client_multi_turn_plain_and_streamed(server):
+    openai = pytest.importorskip("openai")
+    client, config = server
+    api = openai.OpenAI(base_url=f"{str(client.base_url).rstrip('/')}/v1", api_key="unused", max_retries=0, timeout=60)
+    image = {"type": "image_url", "image_url": {"url": data_url(png((30, 160, 30)))}}
+    messages = [{"role": "system", "content": "answer in a few words."},
+                {"role": "user", "content": [{"type": "text", "text": "what colour is the shape?"}, image]},
+                {"role": "assistant", "content": "green"},
+                {"role": "user", "content": "and what shape is it?"}]
+    completion = api.chat.completions.create(model=config.model.id, messages=messages, max_tokens=6)
+    text = completion.choices[0].message.content
+    single = api.chat.completions.create(model=config.model.id, max_tokens=6, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "and what shape is it?"}, image]}])
+    assert completion.usage.prompt_tokens > single.usage.prompt_tokens  # the earlier turns reached the LLM
+    chunks = list(api.chat.completions.create(model=config.model.id, messages=messages, max_tokens=6, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+
+    second_image = {"role": "user", "content": [{"type": "text", "text": "and this one?"}, image]}
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.chat.completions.create(model=config.model.id, messages=[*messages, second_image])
+    assert caught.value.code == "too_many_images" and "2 images" in caught.value.message
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bad input
 
