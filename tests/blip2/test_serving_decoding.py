@@ -45,7 +45,8 @@ def requests_at_different_steps(images: list[Image.Image]) -> dict[int, list[Gen
     return {
         0: [GenerationRequest(images[0], None, GenerationParams(max_new_tokens=12)),
             GenerationRequest(images[1], "what colour is the shape in this picture?", forced)],
-        2: [GenerationRequest(images[2], "what shape?", GenerationParams(max_new_tokens=4, min_new_tokens=2))],
+        2: [GenerationRequest(images[2], "what shape?", GenerationParams(max_new_tokens=4, min_new_tokens=2),
+                              history=(("user", "what colour is it?"), ("assistant", "red")))],  # a conversation
         3: [GenerationRequest(images[3], "where is the shape?", GenerationParams(max_new_tokens=14, min_new_tokens=14)),
             GenerationRequest(images[4], None, GenerationParams(max_new_tokens=3, min_new_tokens=3))],
         6: [GenerationRequest(images[5], "is there a large red circle on the left of the image?", forced)],
