@@ -44,8 +44,8 @@ BENCHMARKS = (
               ("--steps", "6", "--clean-size", "256")),
     Benchmark("capfilt", "CapFilt on Ray Data vs a single-process loop over the same classes", ("--records", "3000"),
               ("--records", "200", "--captions", "1")),
-    Benchmark("serve", "Ray Serve: dynamic batching vs max_batch_size=1; HTTP overhead", ("--requests", "400"),
-              ("--requests", "32", "--rounds", "1")),
+    Benchmark("serve", "Ray Serve: continuous batching vs @serve.batch vs batch size 1; streaming; HTTP overhead",
+              (), ("--requests", "16", "--rounds", "1", "--concurrency", "1,4", "--lengths", "2,6")),
 )
 
 
@@ -122,23 +122,40 @@ def summary_rows(records: dict[str, dict]) -> list[tuple[str, str, str, str, str
                      f"{r['ray']['images_per_s']:.1f} vs {r['single_process']['images_per_s']:.1f} images/s over "
                      f"{r['ray']['records']} images", records["capfilt"]["command"]))
     if "results" in records.get("serve", {}):
-        r = records["serve"]["results"]
-        rows.append(("Serve: batched (max 16) / max_batch_size=1, req/s at concurrency 16",
-                     _x(r["batching_speedup_at_16"]), ">= 3x",
-                     f"{r['apps']['batched']['16']['requests_per_s']:.1f} vs "
-                     f"{r['apps']['unbatched']['16']['requests_per_s']:.1f} req/s", records["serve"]["command"]))
-        rows.append(("Serve: HTTP overhead over the in-process call, p50", f"**{r['http_overhead_p50_ms']:.1f} ms**",
-                     "<= 15 ms", f"HTTP {r['http_p50_ms']:.1f} ms vs in process {r['direct_p50_ms']:.1f} ms; proxy + "
-                     f"ingress alone {r['ingress_only_p50_ms']:.1f} ms", records["serve"]["command"]))
+        command = records["serve"]["command"]
+        for preset, r in records["serve"]["results"]["presets"].items():
+            at = str(r["compared_at"])
+            apps = {name: r["apps"][name][at] for name in ("continuous", "serve_batch", "batch1")}
+            tokens = " vs ".join(f"{apps[n]['tokens_per_s']:.0f}" for n in apps)
+            rows.append((f"Serve, {preset}: continuous batching / batch size 1, tokens/s at concurrency {at}",
+                         _x(r["continuous_vs_batch1"]), ">= 3x",
+                         f"{tokens} tokens/s (continuous, @serve.batch, batch size 1); lengths 4-32 forced", command))
+            rows.append((f"Serve, {preset}: continuous batching / @serve.batch, tokens/s at concurrency {at}",
+                         _x(r["continuous_vs_serve_batch"]), ">= 1.3x",
+                         f"p99 {apps['continuous']['p99_ms']:.0f} vs {apps['serve_batch']['p99_ms']:.0f} ms "
+                         f"(goal: no worse)", command))
+            first = r["first_token_32"]
+            rows.append((f"Serve, {preset}: first streamed token / whole response, 32-token answers, concurrency 1",
+                         f"**{first['ratio']:.0%}**", "< 30%",
+                         f"p50 {first['ttft_p50_ms']:.0f} vs {first['latency_p50_ms']:.0f} ms", command))
+            rows.append((f"Serve, {preset}: HTTP overhead over the in-process call, p50",
+                         f"**{r['http_overhead_p50_ms']:.1f} ms**", "<= 15 ms",
+                         f"HTTP {r['http_p50_ms']:.1f} ms vs in process {r['direct_p50_ms']:.1f} ms; proxy + "
+                         f"ingress alone {r['ingress_only_p50_ms']:.1f} ms", command))
     return rows
 
 
 def serve_table(results: dict) -> list[str]:
-    lines = ["| concurrency | batched: req/s, p50 / p99 ms | max_batch_size=1: req/s, p50 / p99 ms |", "|---|---|---|"]
-    for level in results["apps"]["batched"]:
-        b, u = results["apps"]["batched"][level], results["apps"]["unbatched"][level]
-        lines.append(f"| {level} | {b['requests_per_s']:.1f}, {b['p50_ms']:.0f} / {b['p99_ms']:.0f} | "
-                     f"{u['requests_per_s']:.1f}, {u['p50_ms']:.0f} / {u['p99_ms']:.0f} |")
+    lines = []
+    for preset, r in results["presets"].items():
+        lines += [f"`{preset}`: req/s, new tokens/s, p50 / p99 ms, first token p50 ms", "",
+                  "| concurrency | continuous batching | @serve.batch | batch size 1 |", "|---|---|---|---|"]
+        for level in r["apps"]["continuous"]:
+            cells = [r["apps"][name][level] for name in ("continuous", "serve_batch", "batch1")]
+            lines.append(f"| {level} | " + " | ".join(
+                f"{c['requests_per_s']:.1f}, {c['tokens_per_s']:.0f}, {c['p50_ms']:.0f} / {c['p99_ms']:.0f}, "
+                f"{c['ttft_p50_ms']:.0f}" for c in cells) + " |")
+        lines.append("")
     return lines
 
 

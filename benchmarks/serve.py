@@ -1,14 +1,25 @@
-"""Serving throughput and latency on Ray Serve: dynamic batching against ``max_batch_size=1``, and the
-HTTP overhead over a direct in-process call of the same runtime.
+"""Serving on Ray Serve, three ways side by side: continuous batching, ``@serve.batch`` and batch size 1;
+token streaming's time to first token; the HTTP overhead over a direct in-process call.
 
-    python benchmarks/serve.py [--requests 400] [--max-new-tokens 8] [--out FILE.json]
+    python benchmarks/serve.py [--requests 160] [--rounds 2] [--presets toy-instruct-opt,toy-instruct-opt-large]
+                               [--out FILE.json]
 
-One local Ray instance, one Serve app at a time on loopback, the toy InstructBLIP preset on one model
-replica (autoscaling pinned to 1 so that only batching differs). Both apps run side by side and are
-measured in alternating rounds: ``/v1/answer`` requests (8 toy images, 4 instructions, greedy) at
-concurrency 1, 4 and 16: requests/s, p50 and p99 latency.
-The overhead figure is the p50 of an HTTP request at concurrency 1 on the unbatched app minus the p50 of
-``VisionLanguageRuntime.generate`` on one request in this process — the code the replica runs.
+One local Ray instance, one preset at a time, three Serve apps on loopback, each one model replica
+(autoscaling pinned to 1 so that only batching differs), measured in alternating rounds:
+
+- ``continuous``: ``replica.batching=continuous`` (requests join the running decode batch at the next
+  step, at most ``--max-batch-size`` decoding);
+- ``serve_batch``: ``replica.batching=serve_batch`` (``@serve.batch``, up to ``--max-batch-size``);
+- ``batch1``: ``serve_batch`` with ``max_batch_size=1``.
+
+Every request is a streamed ``/v1/answer`` (8 toy images, 4 instructions, greedy) whose
+``max_new_tokens`` is drawn from 4-32 (seeded) with ``min_new_tokens`` equal to it, so every answer has
+the length drawn. At concurrency 1, 4, 16 and 64: requests/s, new tokens/s, p50/p99 latency (the whole
+response) and time to first token (the first chunk with text). Then, on the continuous app at
+concurrency 1, 32-token answers: time to first token against the whole response time.
+
+The presets: ``toy-instruct-opt`` (the toy) and ``toy-instruct-opt-large`` (the same code path with an
+untrained LLM about 30x the toy's FLOPs per token, so that model compute outweighs the HTTP path).
 """
 
 from __future__ import annotations
@@ -38,7 +49,9 @@ from blip2.toyworld.world import all_attributes, render
 from pipelines.common import CONFIG_DIR
 from pipelines.serve import ServeConfig, application
 
-CONCURRENCY = (1, 4, 16)
+CONCURRENCY = (1, 4, 16, 64)
+APPS = ("continuous", "serve_batch", "batch1")
+PRESETS = ("toy-instruct-opt", "toy-instruct-opt-large")
 INSTRUCTIONS = ("what colour is the shape?", "what shape is it?", "where is the shape?", "describe the image.")
 
 
@@ -60,51 +73,100 @@ def toy_pngs(n: int = 8) -> list[bytes]:
 
 
 def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.array(values), q))
+    return float(np.percentile(np.array(values), q)) if values else float("nan")
 
 
-async def run_load(url: str, bodies: list[dict], total: int, concurrency: int) -> tuple[list[float], float, int]:
-    """``total`` POSTs to ``url``, ``concurrency`` at a time: latencies (ms), elapsed seconds, errors."""
-    latencies: list[float] = []
-    errors = 0
-    queue = iter(range(total))
+def request_bodies(images: list[bytes], n: int, lengths: tuple[int, int], seed: int = 0) -> list[dict]:
+    """``n`` streamed /v1/answer bodies, each forced to a length drawn from ``lengths`` (inclusive)."""
+    rng = np.random.default_rng(seed)
+    bodies = []
+    for i in range(n):
+        tokens = int(rng.integers(lengths[0], lengths[1] + 1))
+        bodies.append({"image": base64.b64encode(images[i % len(images)]).decode(), "stream": True,
+                       "instruction": INSTRUCTIONS[i % len(INSTRUCTIONS)], "max_new_tokens": tokens,
+                       "min_new_tokens": tokens})
+    return bodies
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, float, int, bool]:
+    """(latency ms, time to first text ms, completion tokens, ok) of one streamed request."""
+    start = time.perf_counter()
+    first = None
+    tokens, ok = 0, False
+    async with client.stream("POST", url, json=body) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                ok = response.status_code == 200
+                break
+            chunk = json.loads(line[6:])
+            if chunk.get("answer") and first is None:
+                first = time.perf_counter()
+            if "usage" in chunk:
+                tokens = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    return (end - start) * 1000, ((first or end) - start) * 1000, tokens, ok
+
+
+async def run_load(url: str, bodies: list[dict], concurrency: int) -> dict:
+    """Every body POSTed to ``url``, ``concurrency`` at a time: the raw figures."""
+    samples: list[tuple[float, float, int, bool]] = []
+    queue = iter(bodies)
 
     async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal errors
-        for i in queue:
-            start = time.perf_counter()
-            response = await client.post(url, json=bodies[i % len(bodies)])
-            latencies.append((time.perf_counter() - start) * 1000)
-            errors += response.status_code != 200
+        for body in queue:
+            samples.append(await one_request(client, url, body))
 
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
-        for body in bodies[:concurrency]:  # warm-up: connections, first batches
-            await client.post(url, json=body)
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=concurrency)) as client:
+        for body in bodies[:min(concurrency, 4)]:  # warm-up: connections, the first batch
+            await one_request(client, url, {**body, "max_new_tokens": 4, "min_new_tokens": 4})
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    return latencies, elapsed, errors
+    return {"latencies": [s[0] for s in samples], "ttft": [s[1] for s in samples],
+            "tokens": sum(s[2] for s in samples), "errors": sum(not s[3] for s in samples), "elapsed": elapsed}
 
 
-def measure_apps(urls: dict[str, str], bodies: list[dict], requests: int, rounds: int) -> dict[str, dict]:
-    """Every app at every concurrency, in alternating rounds (A, B, A, B, ...) so that a change in the
-    machine's load (it is shared) hits both alike; figures pool the rounds."""
+def summarise(pooled: dict) -> dict:
+    n = len(pooled["latencies"])
+    return {"requests_per_s": n / pooled["elapsed"], "tokens_per_s": pooled["tokens"] / pooled["elapsed"],
+            "p50_ms": percentile(pooled["latencies"], 50), "p99_ms": percentile(pooled["latencies"], 99),
+            "ttft_p50_ms": percentile(pooled["ttft"], 50), "ttft_p99_ms": percentile(pooled["ttft"], 99),
+            "errors": pooled["errors"], "requests": n}
+
+
+def measure_apps(urls: dict[str, str], bodies: list[dict], requests: int, rounds: int,
+                 levels: tuple[int, ...] = CONCURRENCY) -> dict[str, dict]:
+    """Every app at every concurrency, in alternating rounds (A, B, C, A, B, C, ...) so that a change in
+    the machine's load (it is shared) hits all alike; figures pool the rounds."""
     results: dict[str, dict] = {name: {} for name in urls}
-    for concurrency in CONCURRENCY:
-        total = requests if concurrency > 1 else max(requests // 4, 10)
-        pooled = {name: ([], 0.0, 0) for name in urls}
-        for _ in range(rounds):
+    for concurrency in levels:
+        total = max(requests if concurrency > 1 else requests // 4, concurrency, 8)
+        per_round = max(total // rounds, 1)
+        pooled = {name: {"latencies": [], "ttft": [], "tokens": 0, "errors": 0, "elapsed": 0.0} for name in urls}
+        for r in range(rounds):
+            chosen = [bodies[(r * per_round + i) % len(bodies)] for i in range(per_round)]  # the same for every app
             for name, url in urls.items():
-                latencies, elapsed, errors = asyncio.run(run_load(url, bodies, max(total // rounds, 1), concurrency))
-                before = pooled[name]
-                pooled[name] = (before[0] + latencies, before[1] + elapsed, before[2] + errors)
-        for name, (latencies, elapsed, errors) in pooled.items():
-            r = results[name][str(concurrency)] = {
-                "requests_per_s": len(latencies) / elapsed, "p50_ms": percentile(latencies, 50),
-                "p99_ms": percentile(latencies, 99), "errors": errors, "requests": len(latencies)}
-            print(f"  {name:10s} concurrency {concurrency:2d}: {r['requests_per_s']:7.1f} req/s  "
-                  f"p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  errors {r['errors']}", flush=True)
+                raw = asyncio.run(run_load(url, chosen, concurrency))
+                for key in ("latencies", "ttft"):
+                    pooled[name][key] += raw[key]
+                for key in ("tokens", "errors", "elapsed"):
+                    pooled[name][key] += raw[key]
+        for name in urls:
+            s = results[name][str(concurrency)] = summarise(pooled[name])
+            print(f"  {name:11s} concurrency {concurrency:2d}: {s['requests_per_s']:6.1f} req/s "
+                  f"{s['tokens_per_s']:7.1f} tok/s  p50 {s['p50_ms']:7.1f} ms  p99 {s['p99_ms']:7.1f} ms  "
+                  f"first token p50 {s['ttft_p50_ms']:6.1f} ms  errors {s['errors']}", flush=True)
     return results
+
+
+def first_token_share(url: str, images: list[bytes], n: int) -> dict:
+    """Concurrency 1, 32-token answers: time to first token against the whole response."""
+    raw = asyncio.run(run_load(url, request_bodies(images, n, (32, 32), seed=1), 1))
+    ttft, latency = percentile(raw["ttft"], 50), percentile(raw["latencies"], 50)
+    return {"ttft_p50_ms": ttft, "latency_p50_ms": latency, "ratio": ttft / latency, "requests": n,
+            "errors": raw["errors"]}
 
 
 async def get_p50(url: str, total: int) -> float:
@@ -127,7 +189,7 @@ def direct_p50_ms(config: ServeConfig, images: list[bytes], max_new_tokens: int,
     try:
         runtime = load_runtime(config.model.source, "", settings=config.model.runtime, seed=config.model.seed)
         pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
-        params = GenerationParams(max_new_tokens=max_new_tokens)
+        params = GenerationParams(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
         times = []
         for i in range(repeats + 3):
             start = time.perf_counter()
@@ -139,54 +201,80 @@ def direct_p50_ms(config: ServeConfig, images: list[bytes], max_new_tokens: int,
         torch.set_num_threads(previous)
 
 
+def measure_preset(preset: str, port: int, args: argparse.Namespace, images: list[bytes]) -> dict:
+    overrides = [f"http.port={port}", "replica.num_cpus=0.5", "http.ingress_num_cpus=0.1", "model.retrieval=",
+                 f"model.source={preset}", "autoscaling.min_replicas=1", "autoscaling.max_replicas=1",
+                 "replica.max_ongoing_requests=80", "autoscaling.target_ongoing_requests=64"]
+    arms = {"continuous": ["replica.batching=continuous", f"replica.max_batch_size={args.max_batch_size}"],
+            "serve_batch": ["replica.batching=serve_batch", f"replica.max_batch_size={args.max_batch_size}"],
+            "batch1": ["replica.batching=serve_batch", "replica.max_batch_size=1"]}
+    urls, config = {}, None
+    for name in APPS:
+        app = f"{preset}-{name}"
+        config = load_config(ServeConfig, CONFIG_DIR / "serve_toy.yaml", [*overrides, *arms[name], f"http.app_name={app}"])
+        serve.run(application(config), name=app, route_prefix=f"/{app}")
+        urls[name] = f"http://127.0.0.1:{port}/{app}/v1/answer"
+    print(f"{preset}: three apps up; {args.rounds} alternating rounds", flush=True)
+    try:
+        bodies = request_bodies(images, 256, args.lengths)
+        result = {"apps": measure_apps(urls, bodies, args.requests, args.rounds, args.concurrency)}
+        result["first_token_32"] = first_token_share(urls["continuous"], images, max(args.requests // 8, 5))
+        ingress = urls["batch1"].rsplit("/v1/", 1)[0] + "/v1/models"
+        result["ingress_only_p50_ms"] = asyncio.run(get_p50(ingress, max(args.requests // 4, 10)))
+        # HTTP overhead: batch size 1 at concurrency 1 (mean forced length 18) against the same in process.
+        result["direct_p50_ms"] = direct_p50_ms(config, images, sum(args.lengths) // 2, max(args.requests // 8, 10))
+    finally:
+        for name in APPS:
+            serve.delete(f"{preset}-{name}")
+    apps = result["apps"]
+    result["http_p50_ms"] = apps["batch1"]["1"]["p50_ms"] if "1" in apps["batch1"] else float("nan")
+    result["http_overhead_p50_ms"] = result["http_p50_ms"] - result["direct_p50_ms"]
+    # The goals are stated at concurrency 16 (the highest level measured when 16 is not).
+    level = "16" if 16 in args.concurrency else str(max(args.concurrency))
+    at = {name: apps[name][level] for name in APPS}
+    result["compared_at"] = int(level)
+    result["continuous_vs_batch1"] = at["continuous"]["tokens_per_s"] / at["batch1"]["tokens_per_s"]
+    result["continuous_vs_serve_batch"] = at["continuous"]["tokens_per_s"] / at["serve_batch"]["tokens_per_s"]
+    result["serve_batch_vs_batch1"] = at["serve_batch"]["tokens_per_s"] / at["batch1"]["tokens_per_s"]
+    result["p99_continuous_over_serve_batch"] = at["continuous"]["p99_ms"] / at["serve_batch"]["p99_ms"]
+    print(f"{preset}, concurrency {level}: continuous / batch 1 {result['continuous_vs_batch1']:.2f}x "
+          f"(goal >= 3x), continuous / @serve.batch {result['continuous_vs_serve_batch']:.2f}x (goal >= 1.3x), "
+          f"p99 continuous / @serve.batch {result['p99_continuous_over_serve_batch']:.2f} (goal <= 1); "
+          f"32-token answers at concurrency 1: first token at {result['first_token_32']['ratio']:.0%} of the "
+          f"response (goal < 30%); HTTP overhead p50 {result['http_overhead_p50_ms']:.1f} ms", flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=400, help="requests per measurement at concurrency 4 and 16")
-    parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--max-batch-size", type=int, default=16, help="of the batched app")
-    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per concurrency")
+    parser.add_argument("--requests", type=int, default=160, help="requests per app and concurrency (a quarter at 1)")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="of the continuous and @serve.batch apps")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per concurrency")
+    parser.add_argument("--presets", default=",".join(PRESETS), help="comma-separated model presets (default: %(default)s)")
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="levels (default: %(default)s)")
+    parser.add_argument("--lengths", default="4,32", help="range of the forced answer lengths (default: %(default)s)")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
+    args.concurrency = tuple(int(c) for c in args.concurrency.split(","))
+    args.lengths = tuple(int(n) for n in args.lengths.split(","))
+    if len(args.lengths) != 2 or not 1 <= args.lengths[0] <= args.lengths[1] <= 32:
+        parser.error("--lengths is LOW,HIGH with 1 <= LOW <= HIGH <= 32")
 
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # never join a running cluster
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    overrides = [f"http.port={port}", "replica.num_cpus=0.5", "http.ingress_num_cpus=0.1", "model.retrieval=",
-                 "autoscaling.min_replicas=1", "autoscaling.max_replicas=1", "replica.max_ongoing_requests=64",
-                 "autoscaling.target_ongoing_requests=32"]
     images = toy_pngs()
-    bodies = [{"image": base64.b64encode(images[i % len(images)]).decode(), "max_new_tokens": args.max_new_tokens,
-               "instruction": INSTRUCTIONS[i % len(INSTRUCTIONS)]} for i in range(32)]
     results: dict = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                     "max_new_tokens": args.max_new_tokens, "apps": {}}
-    urls = {}
+                     "max_new_tokens": list(args.lengths), "max_batch_size": args.max_batch_size, "presets": {}}
     try:
-        for name, batch in (("batched", args.max_batch_size), ("unbatched", 1)):
-            config = load_config(ServeConfig, CONFIG_DIR / "serve_toy.yaml",
-                                 [*overrides, f"replica.max_batch_size={batch}", f"http.app_name={name}"])
-            serve.run(application(config), name=name, route_prefix=f"/{name}")
-            urls[name] = f"http://127.0.0.1:{port}/{name}/v1/answer"
-        print(f"both apps up (max_batch_size {args.max_batch_size} and 1); {args.rounds} alternating rounds", flush=True)
-        results["apps"] = measure_apps(urls, bodies, args.requests, args.rounds)
-        ingress_only = asyncio.run(get_p50(f"http://127.0.0.1:{port}/unbatched/v1/models", max(args.requests // 4, 10)))
-        direct = direct_p50_ms(config, images, args.max_new_tokens, repeats=max(args.requests // 4, 10))
+        for preset in [p for p in args.presets.split(",") if p]:
+            results["presets"][preset] = measure_preset(preset, port, args, images)
     finally:
         serve.shutdown()
         if started_ray:
             ray.shutdown()
-    top = str(CONCURRENCY[-1])
-    batched, unbatched = results["apps"]["batched"], results["apps"]["unbatched"]
-    results["batching_speedup_at_16"] = batched[top]["requests_per_s"] / unbatched[top]["requests_per_s"]
-    results["direct_p50_ms"] = direct
-    results["http_p50_ms"] = unbatched["1"]["p50_ms"]
-    results["http_overhead_p50_ms"] = unbatched["1"]["p50_ms"] - direct
-    results["ingress_only_p50_ms"] = ingress_only
-    print(f"batching speed-up at concurrency {top}: {results['batching_speedup_at_16']:.2f}x (goal >= 3x)")
-    print(f"HTTP overhead p50: {results['http_overhead_p50_ms']:.1f} ms (HTTP {results['http_p50_ms']:.1f} ms, "
-          f"in-process {direct:.1f} ms; goal <= 15 ms); proxy + ingress alone (GET /v1/models): "
-          f"{results['ingress_only_p50_ms']:.1f} ms")
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=2)

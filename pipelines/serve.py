@@ -6,10 +6,14 @@
 
 Two deployments. ``Gateway`` is the FastAPI ingress: it reads and validates every request
 (:mod:`blip2.serving.requests`, :mod:`blip2.serving.chat`) and answers bad ones with a 4xx JSON error
-before a model sees them. ``VisionLanguageModel`` holds the model (loaded once per replica) and batches
-requests with ``@serve.batch``; it autoscales between ``autoscaling.min_replicas`` and ``max_replicas``
-on ongoing requests. Routes: POST /v1/caption, /v1/answer, /v1/match, /v1/embed, /v1/chat/completions
-(OpenAI format, streamed with ``"stream": true``), GET /v1/models, GET /healthz.
+before a model sees them. ``VisionLanguageModel`` holds the model (loaded once per replica); it autoscales
+between ``autoscaling.min_replicas`` and ``max_replicas`` on ongoing requests. It generates with
+continuous batching (``replica.batching: continuous``, :mod:`blip2.serving.decoding` driven by a
+background thread: a request joins the running batch at the next step and its tokens stream out as
+they are decoded) or with ``@serve.batch`` (``replica.batching: serve_batch``: whole requests batched,
+the text sent when the batch is done); match and embed always use ``@serve.batch``. Routes: POST
+/v1/caption, /v1/answer, /v1/match, /v1/embed, /v1/chat/completions (OpenAI format; these three
+stream with ``"stream": true``, :mod:`blip2.serving.streaming`), GET /v1/models, GET /healthz.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route methods' annotations (`request: Request`)
@@ -17,9 +21,10 @@ on ongoing requests. Routes: POST /v1/caption, /v1/answer, /v1/match, /v1/embed,
 import asyncio
 import json
 import signal
+import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,13 +39,8 @@ from starlette.formparsers import MultiPartParser
 from starlette.datastructures import UploadFile
 
 from blip2.config import from_dict, load_config, to_dict
-from blip2.serving.chat import (
-    chat_completion,
-    chat_completion_chunks,
-    chat_request,
-    models_list,
-    server_sent_events,
-)
+from blip2.serving.chat import chat_completion, chat_request, models_list
+from blip2.serving.decoding import ContinuousDecoder, TokenEvent, supports
 from blip2.serving.requests import (
     EmbedRequest,
     GenerationRequest,
@@ -55,9 +55,11 @@ from blip2.serving.requests import (
     require_media_type,
 )
 from blip2.serving.runtime import EmbedResult, GenerationResult, MatchResult, RuntimeSettings, load_runtime
+from blip2.serving.streaming import DONE, ChatChunks, TextChunks, error_event, event, stream_requested
 from pipelines.common import CONFIG_DIR, init_ray, job_parser, log, parse_config, quiet_progress_bars
 
 DEFAULT_CONFIG = "serve_toy.yaml"
+BATCHING = ("continuous", "serve_batch")
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,9 @@ class ReplicaSettings:
     num_gpus: float = 0.0
     torch_threads: int = 1  # intra-op threads per replica
     max_ongoing_requests: int = 32
-    max_batch_size: int = 16  # @serve.batch
-    batch_wait_timeout_s: float = 0.01
+    batching: str = "continuous"  # captions and answers: "continuous" (iteration-level) or "serve_batch"
+    max_batch_size: int = 16  # requests decoded together (continuous), or per @serve.batch call
+    batch_wait_timeout_s: float = 0.01  # @serve.batch: how long a batch waits to fill
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
     graceful_shutdown_timeout_s: float = 20.0  # a replica being removed finishes its requests for this long
@@ -97,6 +100,8 @@ class ReplicaSettings:
             raise ValueError("max_batch_size must be in [1, max_ongoing_requests]")
         if self.batch_wait_timeout_s < 0:
             raise ValueError("batch_wait_timeout_s must be >= 0")
+        if self.batching not in BATCHING:
+            raise ValueError(f"replica.batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
 
 
 @dataclass(frozen=True)
@@ -163,21 +168,88 @@ class VisionLanguageModel:
         if config.limits.max_new_tokens > self.runtime.max_new_tokens_supported():
             raise ValueError(f"limits.max_new_tokens {config.limits.max_new_tokens} does not fit the LLM's window; "
                              f"at most {self.runtime.max_new_tokens_supported()}")
-        for method in (self.generate, self.match, self.embed):  # batch sizes come from the config
+        # The @serve.batch methods below take their sizes from the config here (ReplicaSettings holds the
+        # only default): Serve's decorator reads literals at import time, before any config exists.
+        for method in (self.generate, self.match, self.embed):
             method.set_max_batch_size(config.replica.max_batch_size)
             method.set_batch_wait_timeout_s(config.replica.batch_wait_timeout_s)
         self.runtime.health_check()
+        self.decoder = None
+        if config.replica.batching == "continuous":
+            self.decoder = ContinuousDecoder(self.runtime, config.replica.max_batch_size)
+            self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+            self._streams_lock = threading.Lock()  # a request's queue exists before its first event
+            self._wake = threading.Event()
+            threading.Thread(target=self._decode_loop, name="decode-loop", daemon=True).start()
 
-    # Model calls run in a worker thread so that the event loop keeps queueing the next batch.
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    # -- continuous batching: a thread steps the decoder and hands each event to its request's queue --
+
+    def _decode_loop(self) -> None:
+        while True:
+            if not self.decoder.has_work():
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            try:
+                events: list[TokenEvent | Exception] = self.decoder.step()
+            except Exception as error:  # noqa: BLE001 - fail the requests in flight, keep serving new ones
+                self.decoder = ContinuousDecoder(self.runtime, self.decoder.max_batch_size)
+                with self._streams_lock:
+                    failed = list(self._streams)
+                self._deliver([(i, error) for i in failed])
+                continue
+            self._deliver([(e.request_id, e) for e in events])
+
+    def _deliver(self, items: list[tuple[int, TokenEvent | Exception]]) -> None:
+        with self._streams_lock:
+            targets = [(self._streams.get(i), item) for i, item in items]
+        for target, item in targets:
+            if target is not None:  # else: cancelled meanwhile
+                loop, queue = target
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """The request's token events as they are decoded (one event with the whole text under
+        ``serve_batch``, and for beam search). Closing the stream (the client went away) cancels it."""
+        if self.decoder is None or not supports(request.params):
+            result = (await self.generate(request) if self.decoder is None
+                      else (await asyncio.to_thread(self.runtime.generate, [request]))[0])
+            yield TokenEvent(0, result.text, result)
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._streams_lock:
+            request_id = self.decoder.submit(request)
+            self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                finished = item.result is not None
+                yield item
+        finally:
+            with self._streams_lock:
+                del self._streams[request_id]
+            if not finished:
+                self.decoder.cancel(request_id)
+
+    def decoding_stats(self) -> dict[str, int]:
+        """Requests in the running decode batch (continuous batching only)."""
+        return {"running": len(self.decoder.running) if self.decoder is not None else 0}
+
+    # -- @serve.batch: model calls run in a worker thread so that the event loop queues the next batch --
+
+    @serve.batch
     async def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         return await asyncio.to_thread(self.runtime.generate, requests)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch
     async def match(self, requests: list[MatchRequest]) -> list[MatchResult]:
         return await asyncio.to_thread(self.runtime.match, requests)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch
     async def embed(self, requests: list[EmbedRequest]) -> list[EmbedResult]:
         return await asyncio.to_thread(self.runtime.embed, requests)
 
@@ -254,6 +326,58 @@ class Gateway:
                 await asyncio.sleep(0.2 * (attempt + 1))
         raise AssertionError("unreachable")
 
+    async def _events(self, request: GenerationRequest, resend: bool) -> AsyncIterator[TokenEvent]:
+        """A generation's token events from the model deployment. A request whose replica died is sent
+        again to a live one if no event had arrived yet, or if ``resend`` (its events went nowhere but
+        here: a plain answer); else a 503 ``replica_lost`` ends it (its text was partly sent)."""
+        for attempt in range(self.config.http.retries + 1):
+            stream = self.model.options(stream=True).generate_stream.remote(request)
+            received = False
+            try:
+                async for item in stream:
+                    received = True
+                    yield item
+                return
+            except (RayActorError, ActorUnavailableError, ReplicaUnavailableError) as error:
+                if received and not resend:
+                    raise RequestError(503, "replica_lost", f"the model replica was lost mid-answer: {error}") from None
+                if attempt == self.config.http.retries:
+                    raise RequestError(503, "replica_unavailable", f"no model replica could answer: {error}") from None
+                await asyncio.sleep(0.2 * (attempt + 1))
+            finally:
+                stream.cancel()  # no-op once it has ended; else (the client went away) the replica drops it
+
+    async def _generate(self, request: GenerationRequest) -> GenerationResult:
+        """A whole generation (from the running decode batch, or @serve.batch)."""
+        async for item in self._events(request, resend=True):
+            if item.result is not None:
+                return item.result
+        raise RequestError(503, "replica_unavailable", "the model stream ended without a result")
+
+    async def _stream(self, request: GenerationRequest, chunks: TextChunks | ChatChunks) -> StreamingResponse:
+        """Server-sent events of a generation. The first event is awaited here, so a request that no
+        replica could start is still a plain 503 JSON error; later failures end the stream with an
+        error event."""
+        events = self._events(request, resend=False)
+        first = await anext(events)
+
+        async def frames() -> AsyncIterator[str]:
+            try:
+                for item in [*chunks.start(), *chunks(first)]:
+                    yield event(item)
+                if first.result is None:
+                    async for token_event in events:
+                        for item in chunks(token_event):
+                            yield event(item)
+                yield DONE
+            except RequestError as error:
+                yield error_event(error)
+            except Exception as error:  # noqa: BLE001 - the client sees why its stream stopped
+                yield error_event(RequestError(500, "generation_failed", f"generation failed: {error}"))
+            finally:
+                await events.aclose()
+        return StreamingResponse(frames(), media_type="text/event-stream")
+
     def _require_retrieval(self) -> None:
         if not self.config.model.retrieval:
             raise RequestError(501, "not_available", "this server has no retrieval (stage-1) model: "
@@ -275,17 +399,22 @@ class Gateway:
         return models_list(self.model_id, self.created)
 
     @api.post("/v1/caption")
-    async def caption(self, request: Request) -> dict[str, Any]:
+    async def caption(self, request: Request) -> Any:
         data, form = await self._payload(request)
-        result = await self._call("generate", caption_request(data, self.limits, form))
+        job = caption_request(data, self.limits, form)
+        if stream_requested(data, form):
+            return await self._stream(job, TextChunks(self.model_id, "caption"))
+        result = await self._generate(job)
         return {"model": self.model_id, "caption": result.text, "finish_reason": result.finish_reason,
                 "usage": _usage(result)}
 
     @api.post("/v1/answer")
-    async def answer(self, request: Request) -> dict[str, Any]:
+    async def answer(self, request: Request) -> Any:
         data, form = await self._payload(request)
         job = answer_request(data, self.limits, form)
-        result = await self._call("generate", job)
+        if stream_requested(data, form):
+            return await self._stream(job, TextChunks(self.model_id, "answer", {"instruction": job.instruction}))
+        result = await self._generate(job)
         return {"model": self.model_id, "instruction": job.instruction, "answer": result.text,
                 "finish_reason": result.finish_reason, "usage": _usage(result)}
 
@@ -307,11 +436,9 @@ class Gateway:
     async def chat_completions(self, request: Request) -> Any:
         data, _ = await self._payload(request, multipart=False)
         chat = chat_request(data, self.limits, self.model_id)
-        result = await self._call("generate", chat.generation)
-        if not chat.stream:
-            return chat_completion(result, self.model_id)
-        events = server_sent_events(chat_completion_chunks(result, self.model_id, chat.include_usage))
-        return StreamingResponse(events, media_type="text/event-stream")
+        if chat.stream:
+            return await self._stream(chat.generation, ChatChunks(self.model_id, chat.include_usage))
+        return chat_completion(await self._generate(chat.generation), self.model_id)
 
 
 # ---------------------------------------------------------------------------------------------------

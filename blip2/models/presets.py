@@ -8,11 +8,12 @@ anything unless a published preset is asked for.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from blip2.backbones.build import find_backbones
 from blip2.models.export import ModelBundle, import_pretrained
@@ -33,18 +34,27 @@ PUBLISHED: dict[str, str] = {
 @dataclass(frozen=True)
 class ToyPreset:
     """A model built from the toy backbones: ``llm`` is ``"opt"`` (decoder-only) or ``"t5"``
-    (encoder-decoder); ``instruct`` builds InstructBLIP on top of the stage-2 model."""
+    (encoder-decoder); ``instruct`` builds InstructBLIP on top of the stage-2 model.
+
+    ``llm_config`` (pairs of config field and value) replaces the packaged LLM by an *untrained* one of
+    the same family with those sizes (same tokenizer, same loading code): a model whose forward costs
+    more, for measuring serving where model compute outweighs the HTTP path. Its text is junk."""
 
     llm: str
     instruct: bool = False
     num_query_tokens: int = TOY_NUM_QUERY_TOKENS
+    llm_config: tuple[tuple[str, int], ...] = ()
 
+
+# About 28x the toy OPT's FLOPs per token (4 layers of width 512 instead of 2 of 128).
+LARGE_OPT = (("hidden_size", 512), ("word_embed_proj_dim", 512), ("ffn_dim", 2048), ("num_hidden_layers", 4))
 
 TOY: dict[str, ToyPreset] = {
     "toy-opt": ToyPreset("opt"),
     "toy-t5": ToyPreset("t5"),
     "toy-instruct-opt": ToyPreset("opt", instruct=True),
     "toy-instruct-t5": ToyPreset("t5", instruct=True),
+    "toy-instruct-opt-large": ToyPreset("opt", instruct=True, llm_config=LARGE_OPT),
 }
 
 
@@ -62,9 +72,29 @@ def build_toy(preset: ToyPreset, backbones_root: str | Path | None = None, seed:
     qformer_tokenizer = AutoTokenizer.from_pretrained(backbones.qformer_tokenizer)
     image_processor = AutoImageProcessor.from_pretrained(backbones.vision)
     torch.manual_seed(seed)
-    qformer_config = build_qformer_config(AutoConfig.from_pretrained(backbones.vision).hidden_size,
+    with tempfile.TemporaryDirectory() as scratch:
+        if preset.llm_config:
+            llm_path = _untrained_llm(llm_path, dict(preset.llm_config), Path(scratch))
+        return _build_toy(preset, backbones.vision, llm_path, tokenizer, qformer_tokenizer, image_processor, dtype)
+
+
+def _untrained_llm(path: Path, sizes: dict[str, int], out: Path) -> Path:
+    """A randomly initialised LLM of ``path``'s family with ``sizes``, saved under ``out``."""
+    config = AutoConfig.from_pretrained(path)
+    for name, value in sizes.items():
+        if not hasattr(config, name):
+            raise ValueError(f"{path.name}: its config has no field {name!r}")
+        setattr(config, name, value)
+    loader = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    loader.from_config(config).save_pretrained(out)
+    return out
+
+
+def _build_toy(preset: ToyPreset, vision_path: Path, llm_path: Path, tokenizer, qformer_tokenizer,
+               image_processor, dtype: torch.dtype) -> ModelBundle:
+    qformer_config = build_qformer_config(AutoConfig.from_pretrained(vision_path).hidden_size,
                                         len(qformer_tokenizer), use_qformer_text_input=False)
-    model = build_stage2_model(backbones.vision, llm_path, qformer_config, preset.num_query_tokens,
+    model = build_stage2_model(vision_path, llm_path, qformer_config, preset.num_query_tokens,
                                tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), dtype=dtype)
     if preset.instruct:
         model = build_instruct_model(model, qformer_tokenizer)

@@ -6,11 +6,9 @@ which also documents the prompt template); the runtime renders them into the LLM
 
 from __future__ import annotations
 
-import json
-import re
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +53,7 @@ def chat_request(data: Mapping[str, Any], limits: RequestLimits, model_id: str) 
     return ChatRequest(generation, model, stream, bool(options.get("include_usage", False)))
 
 
-def _usage(result: GenerationResult) -> dict[str, int]:
+def usage(result: GenerationResult) -> dict[str, int]:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
             "total_tokens": result.prompt_tokens + result.completion_tokens}
 
@@ -70,33 +68,8 @@ def chat_completion(result: GenerationResult, model: str) -> dict[str, Any]:
         "id": completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                      "finish_reason": result.finish_reason, "logprobs": None}],
-        "usage": _usage(result),
+        "usage": usage(result),
     }
-
-
-def chat_completion_chunks(result: GenerationResult, model: str, include_usage: bool = False) -> Iterator[dict[str, Any]]:
-    """``chat.completion.chunk`` objects: the role, the text word by word, the finish reason (and usage).
-
-    The text is generated whole (batched with other requests) and then streamed, so the first chunk
-    arrives when generation is done; the protocol is the same as token-by-token streaming."""
-    base = {"id": completion_id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
-
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
-
-    yield chunk({"role": "assistant", "content": ""})
-    for piece in re.findall(r"\s*\S+|\s+$", result.text):  # words with the spaces before them
-        yield chunk({"content": piece})
-    yield chunk({}, result.finish_reason)
-    if include_usage:
-        yield {**base, "choices": [], "usage": _usage(result)}
-
-
-def server_sent_events(chunks: Iterator[dict[str, Any]]) -> Iterator[str]:
-    """``data: <json>\\n\\n`` per chunk, then ``data: [DONE]`` as OpenAI ends a stream."""
-    for item in chunks:
-        yield f"data: {json.dumps(item)}\n\n"
-    yield "data: [DONE]\n\n"
 
 
 def models_list(model_id: str, created: int) -> dict[str, Any]:

@@ -208,11 +208,13 @@ def generation_params(data: Mapping[str, Any], limits: RequestLimits, form: bool
     temperature = _float(data, "temperature", 0.0, limits.max_temperature, False, form)
     top_p = _float(data, "top_p", 0.0, 1.0, True, form)
     seed = _int(data, "seed", 0, 2**31 - 1, None, form)
+    max_new_tokens = max_new_tokens or limits.default_max_new_tokens
+    min_new_tokens = _int(data, "min_new_tokens", 0, max_new_tokens, 0, form)  # no end of sequence before it
     do_sample = (temperature is not None and temperature > 0) or (top_p is not None and top_p < 1)
     if do_sample and num_beams > 1:
         raise _invalid("num_beams", "beam search cannot be combined with sampling (temperature > 0 or top_p < 1)")
     return GenerationParams(
-        max_new_tokens=max_new_tokens or limits.default_max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams, do_sample=do_sample,
         temperature=temperature if do_sample and temperature else 1.0, top_p=top_p if do_sample and top_p else 1.0,
     ), seed
 

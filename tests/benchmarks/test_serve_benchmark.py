@@ -11,17 +11,21 @@ BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "serve.py"
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_serve_benchmark_reports_both_apps_at_every_concurrency(ray_local, tmp_path, capsys):
+def test_serve_benchmark_reports_every_app_at_every_concurrency(ray_local, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("serve_benchmark", BENCHMARK)
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
     out = tmp_path / "serve.json"
-    results = benchmark.main(["--requests", "8", "--rounds", "2", "--max-new-tokens", "2", "--out", str(out)])
+    results = benchmark.main(["--requests", "8", "--rounds", "1", "--concurrency", "1,4", "--lengths", "2,4",
+                              "--presets", "toy-instruct-opt", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
-    for app in ("batched", "unbatched"):
-        for concurrency in ("1", "4", "16"):
-            figures = results["apps"][app][concurrency]
+    toy = results["presets"]["toy-instruct-opt"]
+    for app in ("continuous", "serve_batch", "batch1"):
+        for concurrency in ("1", "4"):
+            figures = toy["apps"][app][concurrency]
             assert figures["errors"] == 0 and figures["requests_per_s"] > 0 and figures["p99_ms"] >= figures["p50_ms"] > 0
-    assert results["batching_speedup_at_16"] > 0 and results["direct_p50_ms"] > 0
-    assert results["http_overhead_p50_ms"] == pytest.approx(results["http_p50_ms"] - results["direct_p50_ms"])
-    assert "batching speed-up at concurrency 16" in capsys.readouterr().out
+            assert 0 < figures["ttft_p50_ms"] <= figures["p99_ms"] and figures["tokens_per_s"] > figures["requests_per_s"]
+    assert toy["compared_at"] == 4 and toy["continuous_vs_batch1"] > 0 and toy["direct_p50_ms"] > 0
+    assert toy["first_token_32"]["errors"] == 0 and 0 < toy["first_token_32"]["ratio"] <= 1
+    assert toy["http_overhead_p50_ms"] == pytest.approx(toy["http_p50_ms"] - toy["direct_p50_ms"])
+    assert "continuous / @serve.batch" in capsys.readouterr().out

@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 
 from blip2.models.generation import GenerationParams
-from blip2.serving.chat import chat_completion, chat_completion_chunks, chat_request, server_sent_events
+from blip2.serving.chat import chat_completion, chat_request
+from blip2.serving.decoding import TokenEvent
+from blip2.serving.streaming import DONE, ChatChunks, TextChunks, event, stream_requested
 from blip2.serving.requests import (
     RequestError,
     RequestLimits,
@@ -183,10 +185,34 @@ def test_chat_responses_plain_and_streamed_carry_the_same_text():
     completion = chat_completion(result, "m")
     assert completion["choices"][0]["message"]["content"] == result.text
     assert completion["usage"] == {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
-    events = list(server_sent_events(chat_completion_chunks(result, "m", include_usage=True)))
+    pieces = [TokenEvent(0, "a"), TokenEvent(0, " small"), TokenEvent(0, ""), TokenEvent(0, " green  square", result)]
+    framer = ChatChunks("m", include_usage=True)
+    events = [event(c) for c in framer.start()] + [event(c) for p in pieces for c in framer(p)] + [DONE]
     assert events[-1] == "data: [DONE]\n\n" and all(e.startswith("data: ") and e.endswith("\n\n") for e in events)
     chunks = [json.loads(e[6:]) for e in events[:-1]]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == result.text
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["choices"][0]["delta"].get("content") != "" for c in chunks[1:] if c["choices"])  # no empty pieces
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["usage"]["total_tokens"] == 17
     assert len({c["id"] for c in chunks}) == 1
+
+
+def test_caption_and_answer_streams_carry_the_plain_answers_keys():
+    result = GenerationResult("red", 12, 2, "length")
+    framer = TextChunks("m", "answer", {"instruction": "what colour?"})
+    pieces = (TokenEvent(0, "re"), TokenEvent(0, ""), TokenEvent(0, "d", result))
+    chunks = framer.start() + [c for p in pieces for c in framer(p)]
+    assert [c["answer"] for c in chunks] == ["re", "d"] and all(c["instruction"] == "what colour?" for c in chunks)
+    assert chunks[0]["finish_reason"] is None and chunks[-1]["finish_reason"] == "length"
+    assert chunks[-1]["usage"] == {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}
+
+
+@pytest.mark.parametrize("data, form, expected", [({}, False, False), ({"stream": True}, False, True),
+                                                  ({"stream": "true"}, True, True), ({"stream": "False"}, True, False)])
+def test_stream_flag(data, form, expected):
+    assert stream_requested(data, form) is expected
+
+
+@pytest.mark.parametrize("data, form", [({"stream": "true"}, False), ({"stream": 1}, False), ({"stream": "yes"}, True)])
+def test_a_bad_stream_flag_is_a_400(data, form):
+    refused(lambda: stream_requested(data, form), 400, "invalid_field")

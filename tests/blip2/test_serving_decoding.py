@@ -109,3 +109,17 @@ def test_beam_search_is_not_decoded_step_by_step():
     with pytest.raises(ValueError, match="beam"):
         ContinuousDecoder(load_runtime("toy-opt")).submit(
             GenerationRequest(toy_images(1)[0], None, GenerationParams(num_beams=2)))
+
+
+def llm_flops_per_token(runtime) -> int:
+    """2 multiply-adds per LLM weight a token passes through (the positions table is a lookup)."""
+    llm = runtime.bundle.model.language_model
+    return 2 * sum(p.numel() for name, p in llm.named_parameters() if "embed_positions" not in name)
+
+
+def test_the_large_preset_costs_ten_times_the_toy_per_token_and_decodes_like_generate():
+    toy, large = load_runtime("toy-instruct-opt"), load_runtime("toy-instruct-opt-large")
+    assert llm_flops_per_token(large) >= 10 * llm_flops_per_token(toy)
+    request = GenerationRequest(toy_images(1)[0], "what shape?", GenerationParams(max_new_tokens=8, min_new_tokens=8))
+    (text, result), = run(ContinuousDecoder(large), {0: [request]}).values()
+    assert result == large.generate([request])[0] and text == result.text

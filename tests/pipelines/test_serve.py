@@ -7,6 +7,7 @@ test config shortens the autoscaling delays so that scaling happens within secon
 import asyncio
 import base64
 import io
+import json
 import socket
 import time
 
@@ -149,6 +150,14 @@ def test_openai_client_plain_and_streamed(server):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
     assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
 
+    # Forced to 12 tokens, the text arrives in pieces as it is decoded, not whole at the end.
+    forced = {"min_new_tokens": 12}
+    whole = api.chat.completions.create(model=config.model.id, messages=messages, max_tokens=12, extra_body=forced)
+    pieces = [c.choices[0].delta.content for c in api.chat.completions.create(
+        model=config.model.id, messages=messages, max_tokens=12, extra_body=forced, stream=True) if c.choices]
+    assert whole.usage.completion_tokens == 12 and "".join(p or "" for p in pieces) == whole.choices[0].message.content
+    assert len([p for p in pieces if p]) >= 3, pieces
+
     with pytest.raises(openai.NotFoundError):
         api.chat.completions.create(model="no-such-model", messages=messages)
 
@@ -176,6 +185,45 @@ def test_openai_client_multi_turn_plain_and_streamed(server):
     assert caught.value.code == "too_many_images" and "2 images" in caught.value.message
 
 
+def sse(response: httpx.Response) -> list:
+    """The ``data:`` payloads of a server-sent event stream, JSON-decoded except ``[DONE]``."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [line[len("data: "):] for line in response.iter_lines() if line]
+    return [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+def test_caption_and_answer_stream_over_plain_http(server):
+    client, config = server
+    image = b64(png((30, 200, 30)))
+    for route, key, extra in (("/v1/caption", "caption", {}), ("/v1/answer", "answer", {"instruction": "what shape?"})):
+        body = {"image": image, "max_new_tokens": 10, "min_new_tokens": 10, **extra}
+        plain = client.post(route, json=body).json()
+        with client.stream("POST", route, json={**body, "stream": True}) as response:
+            assert response.status_code == 200
+            events = sse(response)
+        assert events[-1] == "[DONE]" and len(events) >= 4  # several pieces, then the end
+        chunks = events[:-1]
+        assert "".join(c[key] for c in chunks) == plain[key] and plain["usage"]["completion_tokens"] == 10
+        assert [c["finish_reason"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+        assert chunks[-1]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 10
+        assert all(c["model"] == config.model.id and c.get("instruction") == extra.get("instruction") for c in chunks)
+    # A multipart form streams too; a bad flag is a 400 before anything is generated.
+    with client.stream("POST", "/v1/caption", files={"image": ("x.png", png(), "image/png")},
+                       data={"stream": "true", "max_new_tokens": "3"}) as response:
+        assert sse(response)[-1] == "[DONE]"
+    refused = client.post("/v1/caption", json={"image": image, "stream": "yes"})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_field"
+
+
+def test_beam_search_streams_as_one_piece(server):
+    client, _ = server
+    body = {"image": b64(png()), "instruction": "what colour is the shape?", "num_beams": 2, "max_new_tokens": 4}
+    plain = client.post("/v1/answer", json=body).json()
+    with client.stream("POST", "/v1/answer", json={**body, "stream": True}) as response:
+        events = sse(response)
+    assert "".join(c["answer"] for c in events[:-1]) == plain["answer"] and events[-1] == "[DONE]"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bad input
 
@@ -194,6 +242,8 @@ def bad_requests(config):
         ("overlong instruction", "/v1/answer",
          {"json": {**good, "instruction": "why " * config.limits.max_instruction_chars}}, 400, "instruction_too_long"),
         ("max_new_tokens too big", "/v1/caption", {"json": {**good, "max_new_tokens": 10_000}}, 400, "invalid_field"),
+        ("min_new_tokens above max_new_tokens", "/v1/caption", {"json": {**good, "max_new_tokens": 3, "min_new_tokens": 5}},
+         400, "invalid_field"),
         ("num_beams 0", "/v1/caption", {"json": {**good, "num_beams": 0}}, 400, "invalid_field"),
         ("temperature too high", "/v1/caption", {"json": {**good, "temperature": 9.5}}, 400, "invalid_field"),
         ("top_p 0", "/v1/caption", {"json": {**good, "top_p": 0}}, 400, "invalid_field"),

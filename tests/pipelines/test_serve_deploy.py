@@ -47,6 +47,7 @@ def test_the_builder_takes_a_config_and_overrides():
     (["autoscaling.target_ongoing_requests=32", "replica.max_ongoing_requests=32"], "below"),
     (["autoscaling.min_replicas=3", "autoscaling.max_replicas=2"], "min_replicas"),
     (["replica.max_batch_size=0"], "max_batch_size"),
+    (["replica.batching=dynamic"], "continuous, serve_batch"),
     (["limits.default_max_new_tokens=100"], "default_max_new_tokens"),
     (["model.dtype=float64"], "dtype"),
     (["model.runtime.answer_prompt=no placeholder"], "instruction"),
