@@ -43,7 +43,7 @@ from blip2.models.export import load_trainable
 from blip2.reporting import plot_curves
 from blip2.toyworld.corpus import generate_split
 from blip2.training.config import TrainConfig
-from blip2.training.data import training_records
+from blip2.training.data import skip_counts, training_records
 from blip2.training.features import FrozenImageEncoder
 from blip2.training.loop import StepRunner
 from blip2.training.state import TRAINABLE, TrainingProgress, load_training_state, save_training_state
@@ -93,7 +93,9 @@ def train_loop(payload: dict) -> None:
         batches = shard.iter_batches(batch_size=config.optim.batch_size, batch_format="numpy", drop_last=True,
                                      local_shuffle_buffer_size=config.shuffle_buffer or None,
                                      local_shuffle_seed=(config.seed * 1009 + rank) * 1009 + progress.epoch)
+        seen = 0
         for index, batch in enumerate(batches):
+            seen += 1
             if index < progress.batch_in_epoch:  # the resumed epoch: skip what was already trained on
                 continue
             rng = np.random.default_rng([config.seed, rank, progress.epoch, index])  # caption / task draws
@@ -114,6 +116,9 @@ def train_loop(payload: dict) -> None:
                 _report(rank, trainable, optimizer, scheduler, progress, history, totals)
             if done:
                 return
+        if seen == 0:  # drop_last and fewer records than a batch: looping on would hang, not train
+            raise RuntimeError(f"worker {rank}: epoch {progress.epoch} of the training data gave no full batch "
+                               f"of optim.batch_size={config.optim.batch_size} records; add data or lower it")
         progress.epoch += 1
         progress.batch_in_epoch = 0
 
@@ -133,40 +138,76 @@ def _report(rank, model, optimizer, scheduler, progress, history, metrics) -> No
 # Input
 
 
-def keep_images_encoded(sample: dict) -> dict:
-    """``read_webdataset`` decoder: the alt-text becomes a string, the image stays encoded (training
-    decodes it, as it decodes Parquet's image bytes), so that every source yields the same columns."""
-    return {k: v.decode("utf-8") if k in ("txt", "text") and isinstance(v, bytes) else v for k, v in sample.items()}
-
-
 def _read_source(source: Path) -> ray.data.Dataset:
-    """One training source (a directory or a file of WebDataset tars or of Parquet) in the columns
-    :func:`training_records` gives: ``image`` and ``captions_json``."""
+    """One training source (a directory or a file of WebDataset tars or of Parquet), records as stored.
+
+    WebDataset members stay raw bytes (``decoder=None``): Ray's own decoders raise on one bad record (a
+    truncated JPEG, an alt-text that is not UTF-8) and one raise aborts the whole dataset, so images and
+    captions are validated record by record in :func:`training_records` instead."""
     if not source.exists():
         raise FileNotFoundError(f"train_data {source} does not exist")
     files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
     tars = [str(p) for p in files if p.suffix == ".tar"]
     parquets = [str(p) for p in files if p.suffix == ".parquet"]
     if tars and not parquets:
-        data = ray.data.read_webdataset(tars, decoder=keep_images_encoded)  # Ray Data
-    elif parquets and not tars:
-        data = ray.data.read_parquet(parquets)  # Ray Data: toy-world Parquet or CapFilt's kept output
-    else:
-        raise ValueError(f"{source}: expected WebDataset .tar shards or .parquet files (not both), "
-                         f"found {len(tars)} tar and {len(parquets)} parquet")
-    # a web corpus has records without a usable alt-text; nothing can be trained on them
-    return data.map_batches(training_records, batch_format="numpy", udf_modifying_row_count=True)
+        return ray.data.read_webdataset(tars, decoder=None)  # Ray Data
+    if parquets and not tars:
+        return ray.data.read_parquet(parquets)  # Ray Data: toy-world Parquet or CapFilt's kept output
+    raise ValueError(f"{source}: expected WebDataset .tar shards or .parquet files (not both), "
+                     f"found {len(tars)} tar and {len(parquets)} parquet")
 
 
-def training_data(config: TrainConfig) -> ray.data.Dataset:
-    """The training records of every source as one Ray Data dataset (lazy; streamed into the workers)."""
+class NotEnoughData(ValueError):
+    """The training data cannot fill one batch per worker: an epoch would yield no step."""
+
+
+def count_records(source: Path | str, data: ray.data.Dataset) -> dict:
+    """Read ``data`` once and count its records: kept, and skipped for each reason (a bad image, no
+    usable caption). This pass decodes every image once more than training alone would."""
+    counts: dict[str, int] = {}
+    for row in data.map_batches(skip_counts, batch_format="numpy", udf_modifying_row_count=True).iter_rows():
+        counts[row["reason"]] = counts.get(row["reason"], 0) + int(row["count"])  # Ray Data
+    kept = counts.pop("kept", 0)
+    return {"source": str(source), "records": kept + sum(counts.values()), "kept": kept,
+            "skipped": dict(sorted(counts.items()))}
+
+
+def describe_input(report: dict) -> str:
+    """``"1000 records, 980 kept, 20 skipped (truncated 3, non_utf8_caption 17)"``."""
+    skipped = report["skipped"]
+    reasons = ", ".join(f"{reason} {count}" for reason, count in skipped.items())
+    return (f"{report['records']} records, {report['kept']} kept, {sum(skipped.values())} skipped"
+            + (f" ({reasons})" if reasons else ""))
+
+
+def training_data(config: TrainConfig) -> tuple[ray.data.Dataset, dict]:
+    """The training records of every source as one Ray Data dataset (lazy; streamed into the workers),
+    and the input's accounting: each source's records, kept and skipped by reason, and their totals.
+    Raises :class:`NotEnoughData` when the kept records cannot fill one batch on every worker."""
     if config.train_data:
         sources = [Path(s) for s in config.train_data]
     else:
         ensure_toyworld(ToyWorldJobConfig(out=config.toyworld, world=config.world))
         sources = [Path(config.toyworld) / "webdataset" / config.train_split]
-    datasets = [_read_source(source) for source in sources]
-    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]  # Ray Data
+    raw = [_read_source(source) for source in sources]
+    per_source = [count_records(source, data) for source, data in zip(sources, raw, strict=True)]
+    skipped: dict[str, int] = {}
+    for report in per_source:
+        for reason, count in report["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    totals = {"records": sum(r["records"] for r in per_source), "kept": sum(r["kept"] for r in per_source),
+              "skipped": dict(sorted(skipped.items())), "sources": per_source}
+    log(f"input: {describe_input(totals)} from {', '.join(map(str, sources))}")
+    workers, batch_size = config.scaling.num_workers, config.optim.batch_size
+    if totals["kept"] // workers < batch_size:
+        raise NotEnoughData(
+            f"train_data {', '.join(map(str, sources))}: {describe_input(totals)}; that is fewer than one batch "
+            f"of optim.batch_size={batch_size} on each of scaling.num_workers={workers} worker(s), so an "
+            f"epoch would give no full batch. Add data or lower optim.batch_size.")
+    # a web corpus has records without a usable image or alt-text; nothing can be trained on them
+    datasets = [data.map_batches(training_records, batch_format="numpy", udf_modifying_row_count=True)
+                for data in raw]
+    return (datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]), totals  # Ray Data
 
 
 def feature_cache(config: TrainConfig, task: TrainingTask, data: ray.data.Dataset) -> ray.data.Dataset:
@@ -217,7 +258,7 @@ def fit(stage: str, config: TrainConfig, task: TrainingTask | None = None) -> Pa
     """Train on Ray Train, then evaluate and export on the driver. Returns the output directory."""
     config = absolute_paths(config)
     task = task or TASKS[stage][1](config)
-    data = training_data(config)
+    data, input_report = training_data(config)
     if config.feature_cache:
         data = feature_cache(config, task, data)
     if config.shuffle_buffer:  # sources come one after the other: mix their blocks, then shuffle locally
@@ -239,11 +280,13 @@ def fit(stage: str, config: TrainConfig, task: TrainingTask | None = None) -> Pa
     log(f"[{stage}] training {config.name}: {scaling.num_workers} worker(s), {config.optim.max_steps} steps of "
         f"{config.optim.batch_size * config.optim.grad_accum_steps * scaling.num_workers} samples")
     result = trainer.fit()
-    return finish(stage, config, result.checkpoint, task)
+    return finish(stage, config, result.checkpoint, task, input_report)
 
 
-def finish(stage: str, config: TrainConfig, checkpoint, task: TrainingTask | None = None) -> Path:
-    """Load the final checkpoint, evaluate it on held-out data, write the report, curve and export."""
+def finish(stage: str, config: TrainConfig, checkpoint, task: TrainingTask | None = None,
+           input_report: dict | None = None) -> Path:
+    """Load the final checkpoint, evaluate it on held-out data, write the report, curve and export.
+    ``input_report`` (from :func:`training_data`) is the input's accounting: records kept and skipped."""
     task = task or TASKS[stage][1](config)
     output = config.output
     output.mkdir(parents=True, exist_ok=True)
@@ -270,8 +313,11 @@ def finish(stage: str, config: TrainConfig, checkpoint, task: TrainingTask | Non
         "headline": task.headline(metrics), "eval": {"split": config.eval_split, **metrics},
         "eval_seconds": round(eval_seconds, 1), "config": to_dict(config),
     }
+    if input_report is not None:
+        report["input"] = input_report
     (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    log(f"[{stage}] done: {json.dumps(report['headline'])}")
+    log(f"[{stage}] done: {json.dumps(report['headline'])}"
+        + (f"; input: {describe_input(input_report)}" if input_report is not None else ""))
     log(f"[{stage}] wrote {output / 'report.json'}, {output / HISTORY}, {output / 'curve.png'}, {output / MODEL_DIR}")
     return output
 
@@ -297,7 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ConfigError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     init_ray()  # RAY_ADDRESS (ray job submit) selects a cluster; otherwise a fresh local instance
-    fit(stage, config, task)
+    try:
+        fit(stage, config, task)
+    except NotEnoughData as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     return 0
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
 import zlib
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,6 +14,10 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from blip2.backbones.vision import pixel_values
+from blip2.capfilt.config import ValidationConfig
+from blip2.capfilt.records import CAPTION_ISSUES, check_caption
+from blip2.images import REASONS as IMAGE_REASONS
+from blip2.images import ImageError, load_image
 from blip2.toyworld.text import parse_attributes
 from blip2.toyworld.world import ATTRIBUTES
 
@@ -66,16 +70,17 @@ def _column(batch: Mapping[str, Any], names: Sequence[str], what: str) -> Any:
 
 
 def batch_images(batch: Mapping[str, Any], image_size: int) -> np.ndarray:
-    """uint8 RGB images (B, image_size, image_size, 3) from a batch whose image column holds decoded
-    arrays (Ray Data's WebDataset reader decodes) or encoded bytes (Parquet); other sizes are resized."""
+    """uint8 RGB images (B, image_size, image_size, 3) from a batch whose image column holds encoded bytes
+    (decoded by :func:`blip2.images.load_image`, the decoder CapFilt and Serve use) or decoded arrays;
+    other sizes are resized. Records reach here through :func:`training_records`, which has already
+    skipped every image that does not decode, so an error here is a bug, not bad data."""
     images = []
     for value in _column(batch, IMAGE_COLUMNS, "image"):
         if isinstance(value, (bytes, bytearray, memoryview)):
-            with Image.open(io.BytesIO(bytes(value))) as decoded:
-                image = decoded.convert("RGB")
-                if image.size != (image_size, image_size):
-                    image = image.resize((image_size, image_size), Image.BICUBIC)
-                array = np.asarray(image)
+            image = load_image(bytes(value), max_pixels=LIMITS.max_pixels, max_side=LIMITS.max_side)
+            if image.size != (image_size, image_size):
+                image = image.resize((image_size, image_size), Image.BICUBIC)
+            array = np.asarray(image)
         else:
             array = np.asarray(value, dtype=np.uint8)
             if array.shape[:2] != (image_size, image_size):
@@ -108,23 +113,100 @@ def caption_choices(batch: Mapping[str, Any]) -> list[list[str]]:
     return choices
 
 
+# ---------------------------------------------------------------------------------------------------
+# Validation: every record of a web crawl is either kept or skipped with a reason, never fatal.
+
+LIMITS = ValidationConfig()  # CapFilt's limits on untrusted images and captions, the same for training
+SKIP_REASONS = ("missing_image", *IMAGE_REASONS, *CAPTION_ISSUES)
+
+
+def _missing(value: Any) -> bool:
+    """A member or field a record does not have: Ray's WebDataset reader leaves NaN, Parquet None."""
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def _first_present(batch: Mapping[str, Any], names: Sequence[str], size: int) -> list[Any]:
+    """Per record, the first of ``names`` it has (a shard may mix ``.jpg`` and ``.png`` members)."""
+    columns = [batch[name] for name in names if name in batch]
+    return [next((column[i] for column in columns if not _missing(column[i])), None) for i in range(size)]
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    return len(next(iter(batch.values()))) if batch else 0
+
+
+def _image_problem(value: Any) -> str:
+    """"" for a usable image, else the reason it is skipped (a :data:`SKIP_REASONS` entry)."""
+    if value is None:
+        return "missing_image"
+    if isinstance(value, np.ndarray) and value.dtype != object:  # already decoded
+        return "" if value.ndim == 3 and value.shape[-1] == 3 else "unsupported_mode"
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        return "not_an_image"
+    if len(value) > LIMITS.max_image_bytes:
+        return "too_large"
+    try:
+        load_image(bytes(value), max_pixels=LIMITS.max_pixels, max_side=LIMITS.max_side)
+    except ImageError as error:
+        return error.reason
+    return ""
+
+
+def _captions(value: Any) -> tuple[list[str], str]:
+    """A record's usable captions, cleaned as CapFilt cleans them (NFC, control characters such as NUL
+    removed), and the caption issue when there is none."""
+    if _missing(value):
+        return [], "missing_caption"
+    values = [value] if isinstance(value, (str, bytes, bytearray, memoryview)) else list(value)
+    texts, issue = [], "missing_caption"
+    for raw in values:
+        text, problem = check_caption(raw, LIMITS.max_caption_chars)
+        if text:
+            texts.append(text)
+        else:
+            issue = problem or issue
+    return texts, ("" if texts else issue)
+
+
+def validate_records(batch: Mapping[str, Any]) -> tuple[list[Any], list[list[str]], list[str]]:
+    """Each record's image (as it came), its usable captions and why it is skipped ("" when kept)."""
+    size = _batch_size(batch)
+    images = _first_present(batch, IMAGE_COLUMNS, size)
+    if CAPTIONS_JSON in batch:
+        choices = [(_texts(json.loads(v)), "") for v in batch[CAPTIONS_JSON]]
+        choices = [(texts, "" if texts else "missing_caption") for texts, _ in choices]
+    else:
+        choices = [_captions(v) for v in _first_present(batch, TEXT_COLUMNS, size)]
+    reasons = []
+    for image, (_, issue) in zip(images, choices, strict=True):
+        reasons.append(_image_problem(image) or issue)
+    return images, [texts for texts, _ in choices], reasons
+
+
 def training_records(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """A batch of any supported layout -> the two columns training reads: ``image`` (as it came: encoded
     bytes or decoded uint8 arrays) and ``captions_json`` (each record's candidate captions as JSON text),
-    without the records that have no usable caption.
+    without the records that cannot be trained on: an image that is missing or does not decode, or no
+    usable caption (:func:`skip_counts` says how many of each).
 
     Every source of a training mix is brought to these columns, so that several corpora (a clean set and
     CapFilt's output of a web crawl, as BLIP bootstraps) are read as one dataset."""
-    choices = _candidates(batch)
-    keep = np.array([bool(texts) for texts in choices], dtype=bool)
-    images = _column(batch, IMAGE_COLUMNS, "image")
-    if isinstance(images, np.ndarray) and images.dtype != object:  # decoded images of one size, (B, H, W, 3)
-        kept_images = images[keep]
-    else:  # encoded bytes (or arrays of differing sizes), one object each
-        kept_images = np.empty(int(keep.sum()), dtype=object)
-        kept_images[:] = [value for value, k in zip(images, keep, strict=True) if k]
+    images, choices, reasons = validate_records(batch)
+    keep = [i for i, reason in enumerate(reasons) if not reason]
+    kept_images = np.empty(len(keep), dtype=object)
+    kept_images[:] = [images[i] for i in keep]
+    if keep and all(isinstance(images[i], np.ndarray) for i in keep) and \
+            len({images[i].shape for i in keep}) == 1:  # decoded images of one size stay one (B, H, W, 3) array
+        kept_images = np.stack([images[i] for i in keep]).astype(np.uint8)
     return {"image": kept_images,
-            CAPTIONS_JSON: np.array([json.dumps(texts) for texts in choices if texts], dtype=object)}
+            CAPTIONS_JSON: np.array([json.dumps(choices[i]) for i in keep], dtype=object)}
+
+
+def skip_counts(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """How many records of ``batch`` are kept and how many are skipped for each reason, as a small batch
+    (``reason``, ``count``; "kept" for the kept ones) that is summed over a dataset."""
+    counts = Counter(reason or "kept" for reason in validate_records(batch)[2])
+    return {"reason": np.array(list(counts), dtype=object), "count": np.array(list(counts.values()), dtype=np.int64)}
 
 
 def sample_captions(choices: Sequence[Sequence[str]], rng: np.random.Generator) -> list[str]:

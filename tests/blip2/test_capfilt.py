@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from blip2.capfilt import badcorpus
+from tests import badcorpus
 from blip2.capfilt.config import CaptionerConfig, FilterConfig, InputConfig, ValidationConfig
 from blip2.capfilt.models import Captioner, CaptionFilter, decode_list
 from blip2.capfilt.outputs import KEPT_SCHEMA, ShardCollector, completed_shards, prepare_output

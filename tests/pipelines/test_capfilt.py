@@ -11,7 +11,7 @@ from dataclasses import replace
 import pyarrow.parquet as pq
 import pytest
 
-from blip2.capfilt import badcorpus
+from tests import badcorpus
 from blip2.capfilt.config import CapFiltConfig, CaptionerConfig, FilterConfig, InputConfig
 from blip2.capfilt.outputs import FILTERED_SCHEMA, KEPT_SCHEMA, REJECTED_SCHEMA
 from blip2.toyworld.corpus import iter_webdataset

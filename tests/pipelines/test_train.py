@@ -11,6 +11,7 @@ import pytest
 from blip2.toyworld.text import INSTRUCTION_TASKS
 from blip2.training.config import Stage1Config
 from pipelines import train
+from tests import badcorpus
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -38,6 +39,32 @@ def test_stage1_trains_checkpoints_and_resumes(tmp_path, ray_local):
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 8 and report["final_losses"]["step"] == 8
     assert report["started_at"] == [0, 5]  # the second run picked up at the first run's last checkpoint
+
+
+def _crawl(good: list, folder, copy_good: bool = True):
+    """``folder`` with a tar of every bad kind (badcorpus, around the first record of the ``good``
+    WebDataset shards) and, with ``copy_good``, copies of those shards."""
+    folder.mkdir(parents=True)
+    first = next(badcorpus.iter_tar(good[0]))
+    bad = badcorpus.bad_records(first["jpg"], first["txt"].decode())
+    badcorpus.write_webdataset(bad, folder / "bad.tar")
+    for shard in good if copy_good else ():
+        (folder / shard.name).write_bytes(shard.read_bytes())
+    return bad
+
+
+def test_less_data_than_one_batch_fails_at_once_naming_data_and_batch_size(tmp_path, ray_local, small_world,
+                                                                            capsys):
+    root, _ = small_world
+    bad = _crawl(sorted((root / "webdataset" / "clean").glob("*.tar")), tmp_path / "crawl", copy_good=False)
+    kept = sum(r.expect == "ok" for r in bad)
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["stage1", *small(tmp_path, **{"train_data": tmp_path / "crawl", "optim.batch_size": kept + 1})])
+    assert exit_info.value.code == 2 and time.perf_counter() - start < 60
+    error = capsys.readouterr().err
+    assert str(tmp_path / "crawl") in error and f"optim.batch_size={kept + 1}" in error and f"{kept} kept" in error
+    assert not (tmp_path / "runs" / "stage1-toy").exists()  # Ray Train never started
 
 
 def test_two_workers_train_with_gathers(tmp_path, ray_local):
@@ -106,9 +133,10 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint
     assert [h["step"] for h in history] == list(range(1, total + 1))  # continuous: no gap, no repeat
 
 
-def test_stage1_stage2_instruct_chain_on_every_input_kind(tmp_path, ray_local):
+def test_stage1_stage2_instruct_chain_on_every_input_kind(tmp_path, ray_local, capsys):
     """Each stage starts from the previous one's output: stage 1 from cached image features, stage 2 into
-    OPT from WebDataset and into T5 from Parquet, instruction tuning from CapFilt-style kept captions."""
+    OPT from a WebDataset crawl with a shard of every kind of bad record (each skipped and counted by
+    reason) and into T5 from Parquet, instruction tuning from CapFilt-style kept captions."""
     runs = tmp_path / "runs"
     assert train.main(["stage1", *small(tmp_path, **{"optim.max_steps": 3, "feature_cache": "true"})]) == 0
     stage1 = runs / "stage1-toy"
@@ -117,7 +145,20 @@ def test_stage1_stage2_instruct_chain_on_every_input_kind(tmp_path, ray_local):
                                     "world.test_size=32", "world.novel_size=10", "optim.batch_size=8",
                                     "optim.warmup_steps=1", "optim.max_steps=2", "checkpoint_every=2",
                                     "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1"]
-    assert train.main(["stage2", *common, f"stage1={stage1}", "name=s2-opt", "eval_size=4"]) == 0
+    good = sorted((tmp_path / "world" / "webdataset" / "clean").glob("*.tar"))
+    bad = _crawl(good, tmp_path / "crawl")
+    assert train.main(["stage2", *common, f"stage1={stage1}", "name=s2-opt", "eval_size=4",
+                       f"train_data={tmp_path / 'crawl'}"]) == 0
+    counts = json.loads((runs / "s2-opt" / "report.json").read_text())["input"]
+    skipped = [r.expect for r in bad if r.expect != "ok"]
+    assert {"truncated", "empty", "not_an_image", "decompression_bomb", "missing_caption", "non_utf8_caption"} \
+        <= set(skipped)
+    assert counts["skipped"] == {reason: skipped.count(reason) for reason in set(skipped)}
+    # CMYK, 16-bit, RGBA, palette and greyscale images and the NUL-bearing caption are normalised and kept
+    good_records = sum(badcorpus.count_tar_records(shard) for shard in good)
+    assert counts["records"] == good_records + len(bad) and counts["kept"] == counts["records"] - len(skipped)
+    printed = capsys.readouterr().out
+    assert f"{len(skipped)} skipped (" in printed and "non_utf8_caption 1" in printed
     parquet = tmp_path / "world" / "parquet" / "clean"
     assert train.main(["stage2", *common, f"stage1={stage1}", "name=s2-t5", "llm=t5", f"train_data={parquet}",
                        "eval_size=4"]) == 0

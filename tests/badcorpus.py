@@ -1,9 +1,11 @@
-"""A corpus of every kind of bad record, in all three input formats: what the tests and the demo feed
-CapFilt to show that each is rejected with its reason or normalised, and that none stops the job.
+"""A corpus of every kind of bad record, in all three input formats: what the tests feed CapFilt and
+training to show that each is rejected (skipped) with its reason or normalised, and that none stops the job.
 
 Each record states what CapFilt should do with it (``expect``): a rejection reason, ``"ok"`` (a valid
-image, possibly normalised from CMYK / 16-bit / RGBA / palette / greyscale), or a caption issue that
-drops the web caption but keeps the image.
+image, possibly normalised from CMYK / 16-bit / RGBA / palette / greyscale, or a caption cleaned of
+control characters such as NUL), or a caption issue that drops the web caption but keeps the image.
+Training, which has no synthetic captions to fall back on, skips a record with a caption issue, counted
+under that issue: for training, every ``expect`` but ``"ok"`` is the reason the record is skipped.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def bad_records(good_jpeg: bytes, good_caption: str) -> list[BadRecord]:
         BadRecord("empty_caption", good_jpeg, b"   ", "empty_caption"),
         BadRecord("overlong_caption", good_jpeg, b"buy now " * 400, "overlong_caption"),
         BadRecord("non_utf8_caption", good_jpeg, b"caf\xe9 \xff\xfe picture", "non_utf8_caption"),
+        BadRecord("nul_caption", good_jpeg, caption.replace(b" ", b"\x00 ", 1), "ok"),
         BadRecord("missing_image", None, caption, "missing_image"),
         BadRecord("missing_caption", good_jpeg, None, "missing_caption"),
     ]
@@ -86,6 +89,21 @@ def write_webdataset(records: list[BadRecord], path: str | Path) -> Path:
                 _tar_add(tar, f"{r.key}.txt", r.text)
             _tar_add(tar, f"{r.key}.json", json.dumps({"key": r.key, "status": "success"}).encode())
     return path
+
+
+def iter_tar(path: str | Path):
+    """A WebDataset tar's records as ``{extension: bytes}`` dicts, in order (members grouped by key)."""
+    records: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.isfile():
+                key, _, extension = member.name.partition(".")
+                records.setdefault(key, {})[extension] = tar.extractfile(member).read()
+    return iter(records.values())
+
+
+def count_tar_records(path: str | Path) -> int:
+    return sum(1 for _ in iter_tar(path))
 
 
 def write_parquet(records: list[BadRecord], path: str | Path) -> Path:
