@@ -23,7 +23,7 @@ def ray_local():
     """One real local Ray instance for the whole session (starting one costs ~5 s and ~1 GB).
 
     More logical CPUs than the two cores: Ray Data read tasks must never be starved by actors
-    (ENVIRONMENT.md, the silent-deadlock trap)."""
+    (docs/ray-and-transformers-traps.md, the silent-deadlock trap)."""
     ray = pytest.importorskip("ray")
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # never join a `ray start` cluster
     yield ray

@@ -66,7 +66,7 @@ class ActorConfig:
     """Resources of one model stage's actor pool (Ray wiring reads these; the library ignores them).
 
     ``num_cpus`` is fractional by default: on a two-core machine whole-CPU actors can take every CPU
-    and starve the read/decode tasks forever (ENVIRONMENT.md). ``num_gpus`` may be a fraction so the
+    and starve the read/decode tasks forever (docs/ray-and-transformers-traps.md). ``num_gpus`` may be a fraction so the
     captioner and the filter share one GPU."""
 
     min_actors: int = 1

@@ -39,7 +39,7 @@ class OptimConfig:
 class ScalingSettings:
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0  # fractions leave CPUs for Ray Data's read tasks (see ENVIRONMENT.md)
+    cpus_per_worker: float = 1.0  # fractions leave CPUs for Ray Data's read tasks (docs/ray-and-transformers-traps.md)
     gpus_per_worker: float = 1.0  # with use_gpu
     torch_threads: int = 0  # intra-op threads per worker; 0: as many as the worker's CPUs (at least 1)
     mixed_precision: bool = True  # bf16 autocast and half-precision backbones on GPU; always fp32 on CPU

@@ -29,7 +29,7 @@ def free_port() -> int:
 def head(tmp_path_factory):
     """``ray start --head --block`` in its own process group: stopping it stops exactly its processes."""
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled",  # ENVIRONMENT.md: token auth is on by default
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",  # token auth is on by default (docs/ray-and-transformers-traps.md)
            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}  # the jobs' `python` is this environment's
     dashboard = free_port()
     log = (tmp_path_factory.mktemp("head") / "head.log").open("w")

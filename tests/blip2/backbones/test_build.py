@@ -26,7 +26,7 @@ from blip2.backbones.build import (
 from blip2.backbones.language import LanguagePretrainConfig
 from blip2.backbones.vision import VisionPretrainConfig, pixel_values
 
-PROBE_BAR = 0.95  # the foundation issue's bar: mean attribute accuracy of a linear probe on `test`
+PROBE_BAR = 0.95  # the shipped backbones' bar: mean attribute accuracy of a linear probe on `test`
 CONTEXT_BAR = 0.9  # greedy decoding states what the LM's context says
 
 

@@ -1,7 +1,7 @@
 """The toy-world quality bars of the training stages, measured on the held-out `test` split.
 
 The slow tier trains each stage with its shipped toy config on Ray Train, one after the other, and
-asserts the bars of the training issue, zero-shot yes/no above chance included. The fast tier (CI) trains stage 1 alone, in-process from
+asserts each stage's bar (the README's training results), zero-shot yes/no above chance included. The fast tier (CI) trains stage 1 alone, in-process from
 cached image features, on a smaller budget with a smaller bar: far above chance, which is a few
 percent for text->image R@1 among 100 images.
 """
