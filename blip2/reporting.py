@@ -84,3 +84,24 @@ def plot_workflow(curves: Mapping[str, Sequence[dict]], retrieval: Mapping[str, 
     figure.savefig(out, dpi=100)
     plt.close(figure)
     return out
+
+
+def plot_metrics(metrics: Mapping[str, object], out: str | Path, title: str = "") -> Path:
+    """An evaluation's numbers as horizontal bars (counts and non-numbers left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = {k: float(v) for k, v in metrics.items()
+              if isinstance(v, float) and not k.startswith(("num_", "unreadable"))}
+    figure, axis = plt.subplots(figsize=(7, 0.8 + 0.3 * max(len(values), 1)))
+    axis.barh(list(values), list(values.values()))
+    axis.invert_yaxis()
+    axis.set(title=title, xlabel="score")
+    axis.tick_params(axis="y", labelsize=8)
+    figure.tight_layout()
+    out = Path(out)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out

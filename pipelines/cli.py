@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pipelines.train", "train on Ray Train: stage1, stage2 or instruct"),
     "serve": ("pipelines.serve", "serve a model on Ray Serve: caption, answer, match, embed, chat completions"),
     "capfilt": ("pipelines.capfilt", "clean a noisy image-text corpus with CapFilt on Ray Data"),
+    "evaluate": ("pipelines.evaluate", "score a checkpoint on COCO / NoCaps / VQAv2 / OK-VQA / GQA (Ray Data)"),
 }
 
 

@@ -35,6 +35,7 @@ class GenerationParams:
     temperature: float = 1.0
     repetition_penalty: float = 1.0
     num_return_sequences: int = 1
+    length_penalty: float = 1.0  # beam search: scores divided by length ** length_penalty (< 0 favours short)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -66,6 +67,8 @@ class GenerationParams:
         kwargs = asdict(self)
         if not self.do_sample:
             del kwargs["top_p"], kwargs["temperature"]
+        if self.num_beams == 1:  # only beam search reads it
+            del kwargs["length_penalty"]
         return kwargs
 
 
