@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup browser demo test test-slow clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +15,23 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
+# Debian's chromium and its driver, for the serving page's browser test (tests/pipelines/test_serve_page.py),
+# so `make test` needs it. Installed with apt as root, only when missing; otherwise (not root, no apt, or
+# NO_BROWSER=1) it says so and that one test is skipped.
+browser:
+	@if [ -n "$(NO_BROWSER)" ]; then echo "browser: NO_BROWSER set, chromium not installed (the page's browser test will be skipped)"; \
+	elif command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" != 0 ]; then echo "browser: not root, so chromium + chromium-driver are not installed and the page's browser test will be skipped (as root: make browser, or apt-get install chromium chromium-driver)"; \
+	elif ! command -v apt-get >/dev/null; then echo "browser: no apt-get here; install chromium and chromedriver yourself (the page's browser test is skipped without them)"; \
+	else echo "browser: installing Debian's chromium and chromium-driver (apt) ..."; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; fi
+
 setup: $(BIN)/.installed
 
 demo: setup
 	$(BIN)/blip2 demo
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -m "not slow"
 
 test-slow: setup

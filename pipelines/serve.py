@@ -13,7 +13,8 @@ background thread: a request joins the running batch at the next step and its to
 they are decoded) or with ``@serve.batch`` (``replica.batching: serve_batch``: whole requests batched,
 the text sent when the batch is done); match and embed always use ``@serve.batch``. Routes: POST
 /v1/caption, /v1/answer, /v1/match, /v1/embed, /v1/chat/completions (OpenAI format; these three
-stream with ``"stream": true``, :mod:`blip2.serving.streaming`), GET /v1/models, GET /healthz.
+stream with ``"stream": true``, :mod:`blip2.serving.streaming`; chat is multi-turn), GET /v1/models,
+GET /healthz, and GET /: a page to try the model in a browser (:mod:`blip2.serving.page`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route methods' annotations (`request: Request`)
@@ -31,7 +32,7 @@ from typing import Any
 import ray
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
@@ -41,6 +42,7 @@ from starlette.datastructures import UploadFile
 from blip2.config import from_dict, load_config, to_dict
 from blip2.serving.chat import chat_completion, chat_request, models_list
 from blip2.serving.decoding import ContinuousDecoder, TokenEvent, supports
+from blip2.serving.page import CONTENT_SECURITY_POLICY, page_html
 from blip2.serving.requests import (
     EmbedRequest,
     GenerationRequest,
@@ -383,6 +385,10 @@ class Gateway:
             raise RequestError(501, "not_available", "this server has no retrieval (stage-1) model: "
                                                      "set model.retrieval in its config to enable /v1/match and /v1/embed")
 
+    @api.get("/", response_class=HTMLResponse)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(page_html(), headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY})
+
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         await self._call_health()
@@ -528,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.start(http_options={"host": config.http.host, "port": config.http.port})
     log(f"deploying {config.model.id} ({config.model.source}) as app {config.http.app_name!r} ...")
     serve.run(application(config), name=config.http.app_name, route_prefix=config.http.route_prefix)
-    log(f"serving {config.model.id} at {base_url(config)}/ (POST /v1/caption, /v1/answer, /v1/match, /v1/embed, "
+    log(f"serving {config.model.id} at {base_url(config)}/ (a page to try it; POST /v1/caption, /v1/answer, /v1/match, /v1/embed, "
         "/v1/chat/completions; GET /v1/models, /healthz)")
     try:
         if args.check:
