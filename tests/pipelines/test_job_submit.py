@@ -108,3 +108,15 @@ def test_demo_job_submits_and_runs_the_whole_workflow_on_the_cluster(head, tmp_p
     counts = results["capfilt"]["counts"]
     assert counts["input"] == 160 == counts["kept"] + counts["filtered"] + counts["rejected"]
     assert {"stage1", "stage2", "instruct"} <= set(results) and results["serve"]["images"] == 2
+
+
+def test_evaluate_job_submits_and_succeeds(head, tmp_path):
+    from blip2.toyworld.corpus import ToyWorldConfig, write_toyworld
+
+    world = tmp_path / "world"
+    write_toyworld(ToyWorldConfig(web_size=4, clean_size=4, val_size=4, test_size=4, novel_size=4, parquet=False), world)
+    output = submit(head, "python", "-m", "pipelines.evaluate", "task=gqa", "model=toy-instruct-opt",
+                    f"toyworld={world}", f"out={tmp_path / 'gqa'}", "generation.max_new_tokens=3")
+    assert "[evaluate] gqa done" in output
+    metrics = json.loads((tmp_path / "gqa" / "metrics.json").read_text())["metrics"]
+    assert metrics["num_questions"] == 4 * 6 and (tmp_path / "gqa" / "predictions.jsonl").exists()
