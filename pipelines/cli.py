@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("pipelines.serve", "serve a model on Ray Serve: caption, answer, match, embed, chat completions"),
     "capfilt": ("pipelines.capfilt", "clean a noisy image-text corpus with CapFilt on Ray Data"),
     "evaluate": ("pipelines.evaluate", "score a checkpoint on COCO / NoCaps / VQAv2 / OK-VQA / GQA (Ray Data)"),
+    "plan": ("pipelines.plan", "plan a cluster run: memory, largest batch, FLOPs, time, GPU-hours"),
 }
 
 

@@ -135,10 +135,12 @@ class Blip2QFormerForPretraining(nn.Module):
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
             mask = qformer_attention_mask(kind, num_queries, attention_mask, dtype=embeds.dtype)
-        image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
+        # No encoder mask: every image position is attended. (An all-ones mask is the same on real
+        # tensors, where transformers drops it; on fake tensors, which blip2.planning runs, it cannot
+        # check the mask is all ones and builds one for Q+T positions, too long for the Q that
+        # cross-attend.)
         hidden = self.qformer(query_embeds=embeds, query_length=num_queries, attention_mask=mask,
-                              encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
-                              ).last_hidden_state  # (B, Q+T, H)
+                              encoder_hidden_states=image_embeds).last_hidden_state  # (B, Q+T, H)
         text = hidden[:, num_queries:] if input_ids is not None else None
         return QFormerPass(hidden[:, :num_queries], text)
 
