@@ -19,6 +19,7 @@ counting image tokens) for fake tensors, which meta tensors cannot answer.
 from __future__ import annotations
 
 import weakref
+from contextlib import nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,9 +34,10 @@ from torch.utils.flop_counter import FlopCounterMode
 class MemoryTracker(TorchDispatchMode):
     """Live bytes of the tensor storages created by ops run inside it, and their peak.
 
-    A storage is counted once however many views share it (storages of ``existing`` tensors never), and uncounted when Python's last reference
-    to it goes (a weakref finalizer). ``exclude(storages)`` takes storages out of the peak afterwards,
-    e.g. parameter gradients that the caller accounts for itself."""
+    A storage is counted once however many views share it (storages of ``existing`` tensors, the
+    weights, never), and uncounted when Python's last reference to it goes (a weakref finalizer).
+    ``peak_without(storages)`` takes storages out of the peak afterwards, e.g. parameter gradients
+    that the caller accounts for itself."""
 
     def __init__(self, existing: list[torch.Tensor] = ()) -> None:
         super().__init__()
@@ -120,16 +122,18 @@ def _vision_flops(counter: FlopCounterMode) -> int:
                 if name.endswith(".vision_model") or ("." not in name and name.endswith("VisionModel"))] or [0])
 
 
-def measure_step(models: list[nn.Module], step: Callable[[], object], mode: FakeTensorMode) -> StepMeasure:
+def measure_step(models: list[nn.Module], step: Callable[[], object], mode: FakeTensorMode,
+                 count_flops: bool = True) -> StepMeasure:
     """Run ``step()`` inside ``mode`` under both counters; ``models`` (already :func:`to_fake`-d) are
     what it runs, their weights made before it and so not counted.
 
     ``step`` builds its fake inputs and runs forward (and ``loss.backward()`` for training); what it
-    returns is kept alive until the counts are taken, so an inference step can return its KV cache."""
+    returns is kept alive until the counts are taken, so an inference step can return its KV cache.
+    ``count_flops=False`` traces memory alone (FLOPs 0), about a third faster."""
     params = [p for model in models for p in model.parameters()]
     for p in params:
         p.grad = None
-    flops = FlopCounterMode(display=False)
+    flops = FlopCounterMode(display=False) if count_flops else nullcontext()
     tracker = MemoryTracker([*params, *(b for model in models for b in model.buffers())])
     with mode, flops, tracker:
         result = step()
@@ -139,5 +143,7 @@ def measure_step(models: list[nn.Module], step: Callable[[], object], mode: Fake
     del result
     for p in params:
         p.grad = None
+    if not count_flops:
+        return StepMeasure(0, 0, int(peak), int(peak_with_grads), int(still_alive))
     return StepMeasure(int(flops.get_total_flops()), _vision_flops(flops), int(peak), int(peak_with_grads),
                        int(still_alive))

@@ -47,7 +47,7 @@ TRAINABLE_BYTES = 4 + 4 + 8 + 2  # fp32 weight, fp32 gradient, AdamW's two fp32 
 class PlanRow:
     """One job on one cluster. ``None`` where a figure does not apply (serving has no schedule)."""
 
-    preset: str
+    preset: str  # stage 1: "qformer-<image encoder>"
     stage: str
     gpu: str
     workers: int
@@ -78,8 +78,8 @@ class _Job:
         self.models, self.step, self.mode = models, step, mode
         self.frozen_params, self.trainable_params = frozen_params, trainable_params
 
-    def measure(self, batch: int) -> StepMeasure:
-        return measure_step(self.models, lambda: self.step(batch), self.mode)
+    def measure(self, batch: int, count_flops: bool = True) -> StepMeasure:
+        return measure_step(self.models, lambda: self.step(batch), self.mode, count_flops)
 
 
 def _prepare(model: nn.Module, trainable: tuple[str, ...], mode: FakeTensorMode) -> tuple[int, int]:
@@ -162,7 +162,7 @@ def plan_row(config: PlanConfig, preset_name: str, stage: str) -> PlanRow:
         steps, batch = None, config.capfilt_batch if stage == "capfilt" else config.serve_batch
     # The peak is affine in the batch: measure at two sizes, solve for the largest that fits.
     low, high = max(1, batch // 2), max(2, batch)
-    m_low, m_high = job.measure(low), job.measure(high)
+    m_low, m_high = job.measure(low, count_flops=False), job.measure(high)
     per_sample = (m_high.peak_bytes - m_low.peak_bytes) / (high - low)
     fixed = m_high.peak_bytes - per_sample * high
     budget = gpu.memory_gib * GIB * config.memory_fraction - weights
@@ -172,7 +172,9 @@ def plan_row(config: PlanConfig, preset_name: str, stage: str) -> PlanRow:
     memory = weights + fixed + per_sample * micro
     flops = m_high.flops / high * batch  # FLOPs are linear in the batch: every op is per sample
     step_seconds = flops / (config.mfu * gpu.bf16_tflops * 1e12)
-    row = dict(preset=p.name, stage=stage, gpu=gpu.name, workers=config.workers,
+    # Stage 1 has no LLM: its row is named by what it trains and over what.
+    name = f"qformer-{config.vision or p.vision}" if stage == "stage1" else p.name
+    row = dict(preset=name, stage=stage, gpu=gpu.name, workers=config.workers,
                params=job.frozen_params + job.trainable_params, trainable_params=job.trainable_params,
                batch=batch, micro_batch=micro, accum=accum, max_batch=max_batch, memory_gib=memory / GIB,
                weights_gib=weights / GIB, tflop_per_step=flops / 1e12, step_seconds=step_seconds,

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
     Blip2QFormerConfig,
     Blip2VisionConfig,
     Blip2VisionModel,
@@ -28,7 +30,6 @@ from transformers import (
     PretrainedConfig,
     T5Config,
 )
-from transformers import Blip2Config, Blip2ForConditionalGeneration
 
 from blip2.models.instruct import build_instruct_config
 from blip2.models.qformer import Blip2QFormerForPretraining

@@ -34,3 +34,16 @@ def test_bad_preset_exits_2_with_the_known_ones(capsys):
         main(["presets=blip2-opt-13b"])
     assert exit_info.value.code == 2
     assert "unknown preset 'blip2-opt-13b'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_papers_settings_come_in_under_the_papers_days(capsys):
+    """The default plan (the papers' settings, 16x A100-40G): every job fits, and ViT-g + Flan-T5-XXL
+    takes less time at 40% MFU than BLIP-2's "less than 6 days" (stage 1) and "less than 3 days"
+    (stage 2). Several minutes on two cores."""
+    assert main(["--json"]) == 0
+    rows = {(r["preset"], r["stage"]): r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert len(rows) == 7 and all(r["memory_gib"] <= 40 * 0.9 for r in rows.values())
+    assert rows[("qformer-vit-g", "stage1")]["wall_days"] < 6
+    assert rows[("blip2-flan-t5-xxl", "stage2")]["wall_days"] < 3
+    assert rows[("blip2-flan-t5-xxl", "stage2")]["accum"] > 1  # batch 95 per GPU does not fit in 40 GB
