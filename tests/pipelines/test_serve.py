@@ -290,29 +290,6 @@ def test_bad_input_gets_a_4xx_json_reason_and_the_server_stays_up(server):
     assert client.get("/healthz").status_code == 200
 
 
-def test_a_retrieval_directory_in_salesforce_layout_serves_match_and_embed(server, tmp_path):
-    """What transformers saves for ``Blip2ForImageTextRetrieval`` (no side file of ours, a tokenizer
-    without [DEC]) deploys and answers /v1/match and /v1/embed."""
-    from ray import serve
-
-    from tests.blip2.test_serving_runtime import write_salesforce_layout_retrieval
-
-    client, _ = server
-    write_salesforce_layout_retrieval(tmp_path / "itm")
-    config = load_config(ServeConfig, CONFIG_DIR / "serve_toy.yaml", [
-        *TEST_OVERRIDES, f"model.retrieval={tmp_path / 'itm'}", "replica.num_cpus=0.25", "autoscaling.max_replicas=1",
-        f"http.port={client.base_url.port}"])
-    serve.run(application(config), name="itm", route_prefix="/itm")
-    try:
-        match = client.post("/itm/v1/match", json={"image": b64(png()), "text": "a large red circle"})
-        assert match.status_code == 200, match.text
-        assert 0 <= match.json()["itm_probability"] <= 1
-        embed = client.post("/itm/v1/embed", json={"image": b64(png()), "text": "a red circle"}).json()
-        assert len(embed["image_embedding"]) == 8 and len(embed["text_embedding"]) == len(embed["image_embedding"][0])
-    finally:
-        serve.delete("itm")
-
-
 # ---------------------------------------------------------------------------------------------------
 # Load, autoscaling, a replica killed
 

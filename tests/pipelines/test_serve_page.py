@@ -2,6 +2,10 @@
 Serve app over loopback: load it, upload an image, ask, see the streamed answer rendered; caption, match,
 and an error shown as the API gives it.
 
+The app's retrieval model is a directory as transformers saves ``Blip2ForImageTextRetrieval`` (Salesforce's
+published layout: no side file of ours, a tokenizer without [DEC]), so /v1/match and /v1/embed are tested
+on it here, with and without the browser.
+
 The browser comes from `make browser` (part of `make test`, as root); without chromium and chromedriver
 the browser test is skipped and says so. BLIP2_PAGE_SCREENSHOT=<file.png> saves a screenshot of the page
 mid-conversation (the README's is made that way)."""
@@ -18,7 +22,8 @@ from blip2.config import load_config
 from blip2.toyworld.world import all_attributes, render
 from pipelines.common import CONFIG_DIR
 from pipelines.serve import ServeConfig, application
-from tests.pipelines.test_serve import data_url, free_port
+from tests.blip2.test_serving_runtime import write_salesforce_layout_retrieval
+from tests.pipelines.test_serve import b64, data_url, free_port, png
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -28,11 +33,14 @@ OVERRIDES = ["replica.num_cpus=0.5", "autoscaling.max_replicas=1", "http.ingress
 
 
 @pytest.fixture(scope="module")
-def server(ray_local):
+def server(ray_local, tmp_path_factory):
     from ray import serve
 
+    retrieval = tmp_path_factory.mktemp("published") / "itm"
+    write_salesforce_layout_retrieval(retrieval)
     port = free_port()
-    config = load_config(ServeConfig, CONFIG_DIR / "serve_toy.yaml", [*OVERRIDES, f"http.port={port}"])
+    config = load_config(ServeConfig, CONFIG_DIR / "serve_toy.yaml",
+                         [*OVERRIDES, f"model.retrieval={retrieval}", f"http.port={port}"])
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(application(config), name=APP, route_prefix="/")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
@@ -49,6 +57,15 @@ def test_the_page_is_served_self_contained(server):
     page = response.text
     assert "v1/chat/completions" in page and "<script src" not in page and "<link" not in page
     assert "http://" not in page and "https://" not in page  # nothing from another host
+
+
+def test_a_retrieval_directory_in_salesforce_layout_serves_match_and_embed(server):
+    client, _ = server
+    match = client.post("/v1/match", json={"image": b64(png()), "text": "a large red circle"})
+    assert match.status_code == 200, match.text
+    assert 0 <= match.json()["itm_probability"] <= 1 and -1 <= match.json()["itc_similarity"] <= 1
+    embed = client.post("/v1/embed", json={"image": b64(png()), "text": "a red circle"}).json()
+    assert len(embed["image_embedding"]) == 8 and len(embed["text_embedding"]) == len(embed["image_embedding"][0])
 
 
 @pytest.fixture
