@@ -121,14 +121,17 @@ def score_retrieval(text_to_image: Tensor, image_to_text: Tensor, captions: Sequ
 @torch.no_grad()
 def evaluate_retrieval(model: Blip2QFormerForPretraining, qformer_tokenizer: PreTrainedTokenizerBase,
                        records: Sequence[Record], num_candidates: int = 100, rerank_k: int = 16,
-                       max_text_length: int = 32, batch_size: int = 32) -> dict[str, float | int]:
+                       max_text_length: int = 32, batch_size: int = 32,
+                       rerank_itc_scale: float = 1.0) -> dict[str, float | int]:
     """Text-to-image and image-to-text retrieval among the first ``num_candidates`` records (each image
-    against every record's alt-text), as BLIP-2 retrieves: rank by ITC, re-rank the top ``rerank_k`` by ITM.
+    against every record's alt-text), as BLIP-2 retrieves: rank by ITC, re-rank the top ``rerank_k`` by ITM
+    logit + ``rerank_itc_scale`` * ITC similarity (:func:`blip2.models.scoring.rerank_with_itm`).
 
     Returns (all recalls in [0, 1], see :func:`score_retrieval` for strict vs attribute-level):
 
     - ``{t2i,i2t}_r{1,5}_{strict,attribute}``: after the ITM re-rank, e.g. ``t2i_r1_attribute``;
     - the same names ending ``_itc``: ITC ranking alone, e.g. ``t2i_r1_attribute_itc``;
+    - the same names ending ``_itm``: ITC's top ``rerank_k`` ranked by ITM alone, e.g. ``t2i_r1_attribute_itm``;
     - ``num_candidates`` (fewer than asked when there are fewer records) and ``rerank_k`` (as used).
 
     Memory: the frozen image features of all candidates are held (the ITM re-rank needs them);
@@ -152,12 +155,17 @@ def evaluate_retrieval(model: Blip2QFormerForPretraining, qformer_tokenizer: Pre
                                                        attention_mask[s : s + batch_size]) for s in chunks])  # (N, D)
         similarity = torch.cat([model.itc_similarity(model.image_features(image_embeds[s : s + batch_size]),
                                                      text_features) for s in chunks]).float()  # (N_i, N_t)
-        reranked = rerank_with_itm(model, image_embeds, input_ids, attention_mask, similarity, rerank_k, batch_size)
+        reranked = rerank_with_itm(model, image_embeds, input_ids, attention_mask, similarity, rerank_k, batch_size,
+                                   rerank_itc_scale)
+        itm_only = rerank_with_itm(model, image_embeds, input_ids, attention_mask, similarity, rerank_k, batch_size,
+                                   itc_scale=0.0)
     metrics: dict[str, float | int] = {"num_candidates": len(records), "rerank_k": min(rerank_k, len(records))}
     metrics.update(score_retrieval(reranked.text_to_image.cpu(), reranked.image_to_text.cpu(), captions, attributes))
     itc = score_retrieval(similarity.t().argsort(dim=1, descending=True).cpu(),
                           similarity.argsort(dim=1, descending=True).cpu(), captions, attributes)
     metrics.update({f"{name}_itc": value for name, value in itc.items()})
+    itm = score_retrieval(itm_only.text_to_image.cpu(), itm_only.image_to_text.cpu(), captions, attributes)
+    metrics.update({f"{name}_itm": value for name, value in itm.items()})
     return metrics
 
 

@@ -9,17 +9,34 @@ import numpy as np
 
 
 def plot_curves(history: Sequence[dict], keys: Sequence[str], out: str | Path, title: str = "",
-                smooth: int = 10) -> Path:
-    """Training curves: each of ``keys`` against ``step``, raw (faint) and as a moving average."""
+                smooth: int = 10, panels: Mapping[str, Sequence[str]] | None = None) -> Path:
+    """Training curves: each of ``keys`` against ``step``, raw (faint) and as a moving average.
+
+    ``panels`` adds one plot per entry, beside the losses: its title and the history keys it draws (keys
+    that no history entry has are skipped, so older histories still plot)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4))
-    steps = np.array([h["step"] for h in history])
+    panels = {name: [k for k in panel_keys if any(k in h for h in history)] for name, panel_keys in (panels or {}).items()}
+    panels = {name: panel_keys for name, panel_keys in panels.items() if panel_keys}
+    figure, axes = plt.subplots(1, 1 + len(panels), figsize=(7 + 5 * len(panels), 4), squeeze=False)
+    _plot_keys(axes[0][0], history, keys, smooth, "loss", title)
+    for axis, (name, panel_keys) in zip(axes[0][1:], panels.items()):
+        _plot_keys(axis, history, panel_keys, smooth, "", name)
+    figure.tight_layout()
+    out = Path(out)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
+
+
+def _plot_keys(axis, history: Sequence[dict], keys: Sequence[str], smooth: int, ylabel: str, title: str) -> None:
     for key in keys:
-        values = np.array([h[key] for h in history], dtype=float)
+        points = [(h["step"], h[key]) for h in history if key in h]
+        steps = np.array([p[0] for p in points])
+        values = np.array([p[1] for p in points], dtype=float)
         line, = axis.plot(steps, values, alpha=0.25)
         if len(values) >= smooth:
             kernel = np.ones(smooth) / smooth
@@ -28,14 +45,9 @@ def plot_curves(history: Sequence[dict], keys: Sequence[str], out: str | Path, t
         else:
             line.set_label(key)
     axis.set_xlabel("step")
-    axis.set_ylabel("loss")
+    axis.set_ylabel(ylabel)
     axis.set_title(title)
-    axis.legend()
-    figure.tight_layout()
-    out = Path(out)
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
-    return out
+    axis.legend(fontsize=8)
 
 
 def plot_workflow(curves: Mapping[str, Sequence[dict]], retrieval: Mapping[str, Mapping[str, float]],

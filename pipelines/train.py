@@ -73,7 +73,7 @@ def train_loop(payload: dict) -> None:
     model = task.prepare(task.build_model(), device, config.scaling.mixed_precision)
     step_module = ray.train.torch.prepare_model(task.step_module(model, rank, world_size, device))  # Ray: DDP
     trainable = task.trainable_module(model)
-    runner = StepRunner(step_module, trainable, config, device)
+    runner = StepRunner(step_module, trainable, config, device, task.grad_norm_groups(model))
     optimizer, scheduler = runner.optimizer, runner.scheduler
     progress, history = TrainingProgress(), []
     checkpoint = ray.train.get_checkpoint()  # Ray: resume after a restart or a re-run
@@ -301,7 +301,8 @@ def finish(stage: str, config: TrainConfig, checkpoint, task: TrainingTask | Non
     eval_seconds = time.perf_counter() - start
     task.export(model, output / MODEL_DIR)
     (output / HISTORY).write_text(json.dumps(history))
-    plot_curves(history, list(task.loss_names), output / "curve.png", title=config.name)
+    plot_curves(history, list(task.loss_names), output / "curve.png", title=config.name,
+                panels=task.curve_panels)
     this_run = [h for h in history if h["started_at"] == history[-1]["started_at"]]
     steps_timed = this_run[-1]["step"] - this_run[0]["step"]
     seconds = this_run[-1]["time"] - this_run[0]["time"]

@@ -212,7 +212,7 @@ def contrastive_cross_entropy(logits: Tensor, target: Tensor, left_out: Tensor, 
 @torch.no_grad()
 def sample_hard_negatives(
     sim_i2t: Tensor, sim_t2i: Tensor, positive_mask: Tensor | None, rank: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, random_fraction: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Draw one hard negative text per local image and one hard negative image per local text.
 
@@ -225,6 +225,10 @@ def sample_hard_negatives(
             (column ``rank * B + i``). Each pair itself is excluded either way.
         rank: this worker's rank, to locate the local pairs among the columns.
         generator: for reproducible draws (on the device of the similarities).
+        random_fraction: ``r`` in [0, 1]: draw from ``(1 - r) * softmax(sim) + r * uniform`` over the
+            non-positives, i.e. a share ``r`` of the negatives is random rather than hard. 0 is BLIP-2's
+            sampler; a share of easy negatives keeps ITM learning what a plain mismatch looks like while
+            ITC makes its hard negatives ever harder.
 
     Returns:
         ``(negative_text_index, negative_image_index)``, each ``(B,)`` long, indices into the global
@@ -232,6 +236,8 @@ def sample_hard_negatives(
         negative: it draws from the softmax over all columns instead, and :func:`itm_batch` labels such a
         pair 1.
     """
+    if not 0.0 <= random_fraction <= 1.0:
+        raise ValueError(f"random_fraction must be in [0, 1], got {random_fraction}")
     batch_size, global_size = sim_i2t.shape
     world_size = global_size // batch_size
     excluded = identity_positive_mask(batch_size, rank, world_size, device=sim_i2t.device)
@@ -244,6 +250,9 @@ def sample_hard_negatives(
         # Masking logits before the softmax (not zeroing probabilities after it) keeps the weights finite
         # even when every non-positive is far below the positives, which a sharp temperature makes common.
         weights = torch.softmax(sim.detach().float().masked_fill(excluded, float("-inf")), dim=1)  # (B, N)
+        if random_fraction > 0:
+            allowed = (~excluded).float()
+            weights = (1 - random_fraction) * weights + random_fraction * allowed / allowed.sum(dim=1, keepdim=True)
         return torch.multinomial(weights, 1, generator=generator).squeeze(1)  # (B,)
 
     return draw(sim_i2t), draw(sim_t2i)

@@ -59,28 +59,33 @@ def retrieve(model: Blip2QFormerForPretraining, image_embeds: torch.Tensor, inpu
 @torch.no_grad()
 def rerank_with_itm(model: Blip2QFormerForPretraining, image_embeds: torch.Tensor, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor, similarity: torch.Tensor, k: int = 16,
-                    batch_size: int = 64) -> Retrieval:
-    """Rank by the ITC ``similarity`` (B_i, B_t), then re-rank each query's top ``k`` by ITM logit + ITC.
+                    batch_size: int = 64, itc_scale: float = 1.0) -> Retrieval:
+    """Rank by the ITC ``similarity`` (B_i, B_t), then re-rank each query's top ``k`` by
+    ITM logit + ``itc_scale`` * ITC similarity.
 
+    ``itc_scale=1`` is BLIP-2's sum (ITM logit plus cosine similarity); 0 ranks the top ``k`` by ITM alone.
     The ITM passes run ``batch_size`` (query, candidate) pairs at a time across all queries.
     image_embeds (B_i, P, D_vision); input_ids / attention_mask (B_t, T)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if itc_scale < 0:
+        raise ValueError(f"itc_scale must be >= 0, got {itc_scale}")
 
     def itm_logit(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         logits = model.itm_logits(image_embeds[images], input_ids[texts], attention_mask[texts])  # (b, 2)
         return (logits[:, 1] - logits[:, 0]).float()
 
     return Retrieval(
-        text_to_image=_rerank(similarity.t(), k, lambda texts, images: itm_logit(images, texts), batch_size),
-        image_to_text=_rerank(similarity, k, itm_logit, batch_size),
+        text_to_image=_rerank(similarity.t(), k, lambda texts, images: itm_logit(images, texts), batch_size,
+                              itc_scale),
+        image_to_text=_rerank(similarity, k, itm_logit, batch_size, itc_scale),
     )
 
 
 def _rerank(similarity: torch.Tensor, k: int, pair_logit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-            batch_size: int) -> torch.Tensor:
+            batch_size: int, itc_scale: float = 1.0) -> torch.Tensor:
     """similarity (R, C) -> ranking (R, C): each row's top k re-ordered by ``pair_logit(rows, columns)``
-    + similarity, then the rest in ITC order."""
+    + ``itc_scale`` * similarity, then the rest in ITC order."""
     order = similarity.argsort(dim=1, descending=True)  # (R, C)
     k = min(k, similarity.shape[1])
     top = order[:, :k]  # (R, k)
@@ -88,6 +93,6 @@ def _rerank(similarity: torch.Tensor, k: int, pair_logit: Callable[[torch.Tensor
     columns = top.reshape(-1)  # (R*k,)
     logits = torch.cat([pair_logit(rows[s : s + batch_size], columns[s : s + batch_size])
                         for s in range(0, len(rows), batch_size)])
-    rescored = logits.view(-1, k) + similarity.gather(1, top)  # (R, k)
+    rescored = logits.view(-1, k) + itc_scale * similarity.gather(1, top)  # (R, k)
     order[:, :k] = top.gather(1, rescored.argsort(dim=1, descending=True))
     return order

@@ -7,7 +7,7 @@ with no process group works and a test can stand in for the other workers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -75,33 +75,75 @@ def init_qformer_from_bert(model: Blip2QFormerForPretraining, bert_path: str | P
 
 @dataclass
 class Stage1Output:
-    """The three stage-1 losses and their sum (what is optimised)."""
+    """The three stage-1 losses and their weighted sum (what is optimised), and what ITM's training looks
+    like (``diagnostics``, no gradient, see :func:`itm_diagnostics`)."""
 
     loss: torch.Tensor
     itc_loss: torch.Tensor
     itm_loss: torch.Tensor
     lm_loss: torch.Tensor
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def itm_diagnostics(logits: torch.Tensor, labels: torch.Tensor, positive_mask: torch.Tensor,
+                    negative_text: torch.Tensor, negative_image: torch.Tensor,
+                    attributes: torch.Tensor | None, attributes_all: torch.Tensor | None,
+                    random_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """How ITM is doing on its own training batch, each a scalar:
+
+    - ``itm_acc_positive`` / ``itm_acc_hard``: accuracy (argmax) on the matched rows and on the sampled
+      hard negatives (rows labelled 0);
+    - ``itm_acc_random``: accuracy on ``random_logits``, image i with a uniformly drawn non-positive text
+      (given only when the caller ran that extra pass);
+    - ``itm_negatives_available``: the share of the global batch that is not a positive of a pair (what
+      the duplicate-caption mask leaves to the sampler);
+    - ``itm_negative_attributes_differing``: how many of the stated attributes differ between a pair and
+      its sampled negative (mean over text and image negatives; 0 would be a duplicate), when
+      ``attributes`` (B, A) and ``attributes_all`` (N, A) are given (-1: not stated, counted as differing
+      only when the other side states it).
+    """
+    predicted = logits.argmax(dim=-1)
+    positive, negative = labels == 1, labels == 0
+    out = {"itm_acc_positive": (predicted[positive] == 1).float().mean() if positive.any() else logits.new_tensor(0.0),
+           "itm_acc_hard": (predicted[negative] == 0).float().mean() if negative.any() else logits.new_tensor(0.0),
+           "itm_negatives_available": (~positive_mask).float().mean()}
+    if random_logits is not None:
+        out["itm_acc_random"] = (random_logits.argmax(dim=-1) == 0).float().mean()
+    if attributes is not None and attributes_all is not None:
+        text_side = (attributes != attributes_all[negative_text]).sum(dim=-1).float()  # (B,)
+        image_side = (attributes != attributes_all[negative_image]).sum(dim=-1).float()  # (B,)
+        out["itm_negative_attributes_differing"] = torch.cat([text_side, image_side]).mean()
+    return out
 
 
 class Stage1Objective(nn.Module):
     """ITC + ITM (hard negatives mined from ITC) + ITG, over this worker's batch.
 
     ``input_ids`` must have the same length on every worker (pad to a fixed length), since ITM gathers
-    them. ``ids`` marks pairs known to match (same image or same caption): they are not negatives."""
+    them. ``ids`` marks pairs known to match (same image or same caption): they are not negatives.
+
+    ``itm_weight`` scales ITM in the summed loss (BLIP-2: 1); ``itm_random_negatives`` is the share of ITM
+    negatives drawn uniformly instead of by ITC hardness (BLIP-2: 0; see :func:`sample_hard_negatives`)."""
 
     def __init__(self, rank: int = 0, world_size: int = 1, label_smoothing: float = 0.1,
-                 gather: GatherFn = gather_features) -> None:
+                 gather: GatherFn = gather_features, itm_weight: float = 1.0,
+                 itm_random_negatives: float = 0.0, diagnostics: bool = False) -> None:
         super().__init__()
+        self.diagnostics = diagnostics  # fill Stage1Output.diagnostics (one small extra ITM pass per step)
         self.rank, self.world_size, self.gather = rank, world_size, gather
+        self.itm_weight, self.itm_random_negatives = itm_weight, itm_random_negatives
         self.itc = ItcLoss(rank, world_size, label_smoothing, gather=gather)
         self.itm = ItmLoss()
         self.itg = ItgLoss(label_smoothing)
 
     def forward(self, model: Blip2QFormerForPretraining, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, ids: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, image_embeds: torch.Tensor | None = None) -> Stage1Output:
+                generator: torch.Generator | None = None, image_embeds: torch.Tensor | None = None,
+                attributes: torch.Tensor | None = None) -> Stage1Output:
         """Either ``pixel_values`` (B, 3, H, W) or the frozen encoder's ``image_embeds`` (B, N, D_vision),
-        precomputed by a feature cache (the encoder is frozen and deterministic, so they are the same)."""
+        precomputed by a feature cache (the encoder is frozen and deterministic, so they are the same).
+        ``attributes`` (B, A) long, what each caption states (-1: nothing), only feeds the diagnostics."""
         if image_embeds is None:
             image_embeds = model.encode_images(pixel_values)  # (B, N, D_vision), frozen
 
@@ -114,16 +156,34 @@ class Stage1Objective(nn.Module):
         # 2. ITM: each image with its text, a hard negative text, and each text with a hard negative image.
         with torch.no_grad():
             negative_text, negative_image = sample_hard_negatives(
-                itc.sim_i2t, itc.sim_t2i, itc.positive_mask, self.rank, generator)
+                itc.sim_i2t, itc.sim_t2i, itc.positive_mask, self.rank, generator, self.itm_random_negatives)
+        input_ids_all = self.gather(input_ids, self.rank, self.world_size, False)  # (N, T)
+        attention_mask_all = self.gather(attention_mask, self.rank, self.world_size, False)  # (N, T)
         batch = itm_batch(
-            image_embeds, self.gather(image_embeds, self.rank, self.world_size, True),
-            input_ids, self.gather(input_ids, self.rank, self.world_size, False),
-            attention_mask, self.gather(attention_mask, self.rank, self.world_size, False),
-            negative_text, negative_image, itc.positive_mask)
-        itm = self.itm(model.itm_logits(batch.image_embeds, batch.input_ids, batch.attention_mask), batch.labels)
+            image_embeds, self.gather(image_embeds, self.rank, self.world_size, True), input_ids, input_ids_all,
+            attention_mask, attention_mask_all, negative_text, negative_image, itc.positive_mask)
+        itm_logits = model.itm_logits(batch.image_embeds, batch.input_ids, batch.attention_mask)  # (3B, 2)
+        itm = self.itm(itm_logits, batch.labels)
+        diagnostics = self._diagnose(model, image_embeds, input_ids_all, attention_mask_all, batch.labels, itm_logits,
+                                     itc.positive_mask, negative_text, negative_image, attributes,
+                                     generator) if self.diagnostics else {}
 
         # 3. ITG: the caption from [DEC], under the multimodal-causal mask.
         logits, decoder_ids = model.itg_logits(image_embeds, input_ids, attention_mask)  # (B, T, V)
         itg = self.itg(logits, decoder_ids.masked_fill(attention_mask == 0, -100))
 
-        return Stage1Output(itc.itc_loss + itm.itm_loss + itg.lm_loss, itc.itc_loss, itm.itm_loss, itg.lm_loss)
+        return Stage1Output(itc.itc_loss + self.itm_weight * itm.itm_loss + itg.lm_loss, itc.itc_loss, itm.itm_loss,
+                            itg.lm_loss, diagnostics)
+
+    @torch.no_grad()
+    def _diagnose(self, model, image_embeds, input_ids_all, attention_mask_all, labels, itm_logits, positive_mask,
+                  negative_text, negative_image, attributes, generator) -> dict[str, torch.Tensor]:
+        """:func:`itm_diagnostics`, with an extra no-gradient ITM pass of every local image against a
+        uniformly drawn non-positive text of the global batch (the random-negative accuracy)."""
+        flat = torch.zeros(positive_mask.shape, device=positive_mask.device)  # uniform over non-positives
+        random_text, _ = sample_hard_negatives(flat, flat, positive_mask, self.rank, generator, random_fraction=1.0)
+        random_logits = model.itm_logits(image_embeds, input_ids_all[random_text], attention_mask_all[random_text])
+        attributes_all = (self.gather(attributes, self.rank, self.world_size, False)
+                          if attributes is not None else None)
+        return itm_diagnostics(itm_logits.detach(), labels, positive_mask, negative_text, negative_image,
+                               attributes, attributes_all, random_logits)

@@ -108,13 +108,31 @@ class Stage1ModelConfig:
 
 
 @dataclass(frozen=True)
+class Stage1LossConfig:
+    """How stage 1 weighs and feeds its objectives (BLIP-2's recipe is ``itm_weight=1``,
+    ``itm_random_negatives=0``)."""
+
+    itm_weight: float = 1.0  # ITM's factor in ITC + itm_weight * ITM + ITG
+    itm_random_negatives: float = 0.0  # share of ITM negatives drawn uniformly rather than by ITC hardness
+
+    def __post_init__(self) -> None:
+        if self.itm_weight < 0 or not 0 <= self.itm_random_negatives <= 1:
+            raise ValueError("itm_weight must be >= 0 and itm_random_negatives in [0, 1]")
+
+
+@dataclass(frozen=True)
 class Stage1Config(TrainConfig):
     """Stage 1: Q-Former representation learning with ITC + ITM + ITG against a frozen image encoder."""
 
     name: str = "stage1-toy"
     model: Stage1ModelConfig = field(default_factory=Stage1ModelConfig)
+    loss: Stage1LossConfig = field(default_factory=Stage1LossConfig)
     eval_candidates: int = 100  # text->image among this many held-out images
     rerank_k: int = 16  # ITM re-ranks ITC's top k
+    rerank_itc_scale: float = 1.0  # re-rank score = ITM logit + this * ITC cosine similarity (BLIP-2: 1)
+    itm_eval_images: int = 200  # held-out images whose right / one-attribute-wrong / random pairs ITM scores
+    extra_eval_splits: tuple[str, ...] = ("novel",)  # also evaluated, reported under their names
+    itm_diagnostics: bool = True  # ITM accuracies and negative hardness per step, in the history and curve
 
 
 @dataclass(frozen=True)

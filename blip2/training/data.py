@@ -37,6 +37,16 @@ def match_ids(texts: Sequence[str]) -> torch.Tensor:
     return torch.tensor(keys, dtype=torch.int64)
 
 
+def stated_attributes(texts: Sequence[str]) -> torch.Tensor:
+    """What each caption states, (B, 4) int64: per attribute (shape, colour, size, position) the index of
+    the stated value, -1 where the caption states none. Read from the text alone (diagnostics only)."""
+    rows = []
+    for text in texts:
+        stated = parse_attributes(text)
+        rows.append([ATTRIBUTES[name].index(stated[name]) if name in stated else -1 for name in ATTRIBUTES])
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), len(ATTRIBUTES))
+
+
 def stage1_text_inputs(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase,
                        max_length: int) -> dict[str, torch.Tensor]:
     """Captions -> ``input_ids`` and ``attention_mask`` (B, max_length: padded to a fixed length, since ITM

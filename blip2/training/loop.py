@@ -25,8 +25,12 @@ from blip2.training.optim import build_optimizer, build_scheduler
 class StepRunner:
     """Micro-batches in, optimiser steps out."""
 
-    def __init__(self, step_module: nn.Module, trainable: nn.Module, config: TrainConfig, device: torch.device) -> None:
+    def __init__(self, step_module: nn.Module, trainable: nn.Module, config: TrainConfig, device: torch.device,
+                 grad_norm_groups: Mapping[str, list[nn.Parameter]] | None = None) -> None:
         self.step_module = step_module
+        # Named groups of parameters whose gradient norm (before clipping) joins each step's numbers, as
+        # ``grad_norm/<name>`` (e.g. what reaches the Q-Former's cross-attention).
+        self.grad_norm_groups = dict(grad_norm_groups or {})
         self.parameters = [p for p in trainable.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(trainable, config.optim.learning_rate, config.optim.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, config.optim.warmup_steps, config.optim.max_steps)
@@ -50,6 +54,9 @@ class StepRunner:
         self.micro += 1
         if not last:
             return None
+        for name, group in self.grad_norm_groups.items():
+            grads = [p.grad.detach().float().norm() for p in group if p.grad is not None]
+            self.totals[f"grad_norm/{name}"] = float(torch.stack(grads).norm()) if grads else 0.0
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.parameters, self.grad_clip)
         self.optimizer.step()
@@ -72,7 +79,7 @@ def train_locally(task: Any, batches: Callable[[int], Iterable[Mapping[str, Any]
     device = torch.device(device)
     model = task.prepare(task.build_model(), device, config.scaling.mixed_precision)
     step_module = task.step_module(model, 0, 1, device)
-    runner = StepRunner(step_module, task.trainable_module(model), config, device)
+    runner = StepRunner(step_module, task.trainable_module(model), config, device, task.grad_norm_groups(model))
     step_module.train()
     history: list[dict] = []
     start, step, epoch = time.perf_counter(), 0, 0

@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 from blip2.backbones.build import ToyBackbones, find_backbones
 from blip2.backbones.vision import pixel_values
 from blip2.evaluation import evaluate_captions, evaluate_instructions, evaluate_retrieval
+from blip2.matching import evaluate_matching
 from blip2.models.export import (
     export_blip2,
     export_instructblip,
@@ -44,7 +45,7 @@ from blip2.models.stage2 import (
     split_prefix,
 )
 from blip2.tokenization import IMAGE_TOKEN
-from blip2.toyworld.corpus import Record
+from blip2.toyworld.corpus import Record, generate_split
 from blip2.toyworld.text import INSTRUCTION_TASKS, instruction_example, parse_attributes
 from blip2.toyworld.world import ATTRIBUTES, Attributes
 from blip2.training.config import InstructConfig, Stage1Config, Stage2Config, TrainConfig
@@ -53,6 +54,7 @@ from blip2.training.data import (
     caption_choices,
     sample_captions,
     stage1_text_inputs,
+    stated_attributes,
     task_mixture,
 )
 
@@ -74,6 +76,7 @@ class TrainingTask(ABC):
 
     stage: str
     loss_names: tuple[str, ...]
+    curve_panels: dict[str, tuple[str, ...]] = {}  # curve.png: plots beside the losses (title: history keys)
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -118,6 +121,10 @@ class TrainingTask(ABC):
         """The few numbers a person looks at first."""
         return {}
 
+    def grad_norm_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        """Named parameter groups whose gradient norm each step records (``grad_norm/<name>``)."""
+        return {}
+
     def trainable_module(self, model: nn.Module) -> nn.Module:
         """What the optimiser sees and checkpoints hold (``requires_grad`` parameters only)."""
         return model
@@ -133,15 +140,19 @@ class _Stage1Step(nn.Module):
         self.model, self.objective, self.generator = model, objective, generator  # generator: ITM negatives
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, ids: Tensor, pixel_values: Tensor | None = None,
-                image_embeds: Tensor | None = None) -> dict[str, Tensor]:
+                image_embeds: Tensor | None = None, attributes: Tensor | None = None) -> dict[str, Tensor]:
         out = self.objective(self.model, pixel_values, input_ids, attention_mask, ids, self.generator,
-                             image_embeds=image_embeds)
-        return {"loss": out.loss, "itc_loss": out.itc_loss, "itm_loss": out.itm_loss, "lm_loss": out.lm_loss}
+                             image_embeds=image_embeds, attributes=attributes)
+        return {"loss": out.loss, "itc_loss": out.itc_loss, "itm_loss": out.itm_loss, "lm_loss": out.lm_loss,
+                **out.diagnostics}
 
 
 class Stage1Task(TrainingTask):
     stage = "stage1"
     loss_names = ("itc_loss", "itm_loss", "lm_loss")
+    curve_panels = {"ITM accuracy on the training batch": ("itm_acc_positive", "itm_acc_hard", "itm_acc_random"),
+                    "ITM negatives": ("itm_negative_attributes_differing", "itm_negatives_available"),
+                    "gradient norm": ("grad_norm/crossattention", "grad_norm/itm_head")}
 
     def __init__(self, config: Stage1Config) -> None:
         super().__init__(config)
@@ -157,26 +168,48 @@ class Stage1Task(TrainingTask):
 
     def step_module(self, model, rank, world_size, device):
         generator = torch.Generator(device=device).manual_seed(self.config.seed * 1000 + rank)
-        return _Stage1Step(model, Stage1Objective(rank, world_size), generator)
+        loss = self.config.loss
+        objective = Stage1Objective(rank, world_size, itm_weight=loss.itm_weight,
+                                    itm_random_negatives=loss.itm_random_negatives,
+                                    diagnostics=self.config.itm_diagnostics)
+        return _Stage1Step(model, objective, generator)
 
     def make_batch(self, batch, rng):
         texts = sample_captions(caption_choices(batch), rng)
         inputs = stage1_text_inputs(texts, self.tokenizer, self.config.model.max_text_length)
+        if self.config.itm_diagnostics:
+            inputs["attributes"] = stated_attributes(texts)
         if "image_embeds" in batch:  # the frozen-feature cache
             inputs["image_embeds"] = torch.from_numpy(np.stack(list(batch["image_embeds"]))).float()
         else:
             inputs["pixel_values"] = pixel_values(batch_images(batch, self.image_size))
         return inputs
 
+    def grad_norm_groups(self, model):
+        return {"crossattention": [p for n, p in model.named_parameters() if ".crossattention." in n],
+                "itm_head": list(model.itm_head.parameters())}
+
     def evaluate(self, model, records):
-        return evaluate_retrieval(model, self.tokenizer, records, num_candidates=self.config.eval_candidates,
-                                  rerank_k=self.config.rerank_k, max_text_length=self.config.model.max_text_length)
+        metrics = self._evaluate_split(model, records)
+        for split in self.config.extra_eval_splits:  # reported beside the eval split, under their names
+            metrics[split] = self._evaluate_split(model, generate_split(self.config.world, split))
+        return metrics
+
+    def _evaluate_split(self, model, records):
+        c = self.config
+        metrics = evaluate_retrieval(model, self.tokenizer, records, num_candidates=c.eval_candidates,
+                                     rerank_k=c.rerank_k, max_text_length=c.model.max_text_length,
+                                     rerank_itc_scale=c.rerank_itc_scale)
+        metrics.update(evaluate_matching(model, self.tokenizer, records, num_images=c.itm_eval_images,
+                                         max_text_length=c.model.max_text_length))
+        return metrics
 
     def export(self, model, out):
         return export_stage1(model, out)
 
     def headline(self, metrics):
-        keys = ("t2i_r1_attribute", "t2i_r1_attribute_itc", "t2i_r1_strict", "i2t_r1_attribute")
+        keys = ("t2i_r1_attribute", "t2i_r1_attribute_itc", "t2i_r1_strict", "i2t_r1_attribute",
+                "itm_pairwise_random", "itm_pairwise_one_attribute")
         return {k: metrics[k] for k in keys if k in metrics}
 
 

@@ -23,6 +23,7 @@ from blip2.evaluation import (
     score_captions,
     score_retrieval,
 )
+from blip2.matching import evaluate_matching
 from blip2.models.generation import GenerationParams
 from blip2.models.presets import load_preset
 from blip2.models.scoring import rerank_with_itm, retrieve
@@ -107,7 +108,8 @@ def test_evaluate_retrieval(stage1, records):
     model.train()
     metrics = evaluate_retrieval(model, tokenizer, records, num_candidates=20, rerank_k=4, batch_size=7)
     assert model.training  # the caller's mode is restored
-    assert set(metrics) == RECALL_NAMES | {f"{n}_itc" for n in RECALL_NAMES} | {"num_candidates", "rerank_k"}
+    assert set(metrics) == (RECALL_NAMES | {f"{n}_itc" for n in RECALL_NAMES} | {f"{n}_itm" for n in RECALL_NAMES}
+                            | {"num_candidates", "rerank_k"})
     assert metrics["num_candidates"] == 20 and metrics["rerank_k"] == 4
     assert all(0.0 <= metrics[n] <= 1.0 for n in metrics if n not in ("num_candidates", "rerank_k"))
     for name in RECALL_NAMES:
@@ -118,8 +120,20 @@ def test_evaluate_retrieval(stage1, records):
 
     # k = 1 re-ranks nothing: the numbers are the ITC ranking's.
     single = evaluate_retrieval(model, tokenizer, records, num_candidates=20, rerank_k=1, batch_size=7)
-    assert all(single[n] == single[n + "_itc"] for n in RECALL_NAMES)
+    assert all(single[n] == single[n + "_itc"] == single[n + "_itm"] for n in RECALL_NAMES)
     assert evaluate_retrieval(model, tokenizer, records, num_candidates=100)["num_candidates"] == len(records)
+
+
+def test_evaluate_matching_scores_three_pairs_per_image(stage1, records):
+    model, tokenizer = stage1
+    model.train()
+    metrics = evaluate_matching(model, tokenizer, records, num_images=12, batch_size=5)
+    assert model.training  # the caller's mode is restored
+    assert metrics["itm_num_images"] == 12
+    assert {"itm_pairwise_random", "itm_balanced_random", "itm_pairwise_one_attribute",
+            "itm_balanced_one_attribute", "itm_right_accuracy"} <= set(metrics)
+    assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k != "itm_num_images")
+    assert evaluate_matching(model, tokenizer, records, num_images=12, batch_size=12) == metrics
 
 
 def test_batched_rerank_is_scorings_retrieve(stage1, records):

@@ -209,6 +209,25 @@ def test_hard_negatives_follow_itc_confusion_and_default_to_the_diagonal():
     assert counts[2] > 0.9 * counts.sum()
 
 
+def test_a_random_share_of_negatives_ignores_itc_but_never_draws_a_positive():
+    generator = torch.Generator().manual_seed(11)
+    sim = torch.zeros(4, 8)
+    sim[:, 2] = 50.0  # ITC alone would draw column 2 every time
+    positive_mask = torch.zeros(4, 8, dtype=torch.bool)
+    positive_mask[:, 0] = True  # rank 1: the pairs themselves are columns 4..7
+    counts = torch.zeros(8)
+    for _ in range(300):
+        negative_text, _ = sample_hard_negatives(sim, sim, positive_mask, rank=1, generator=generator,
+                                                 random_fraction=0.5)
+        assert not positive_mask[torch.arange(4), negative_text].any()
+        assert not (negative_text == torch.arange(4) + 4).any()
+        counts += torch.bincount(negative_text, minlength=8)
+    share = counts[2] / counts.sum()  # 0.5 hard + 0.5 * 1/6 uniform over each row's 6 allowed columns
+    assert 0.5 < share < 0.7 and counts[0] == 0 and (counts[[1, 3, 4, 5, 6, 7]] > 0).all()
+    with pytest.raises(ValueError, match="random_fraction"):
+        sample_hard_negatives(sim, sim, None, rank=0, random_fraction=1.5)
+
+
 def test_a_row_without_any_negative_falls_back_and_is_labelled_positive():
     # A global batch where every pair states one caption: nothing is a negative.
     positive_mask = torch.ones(2, 2, dtype=torch.bool)

@@ -48,6 +48,23 @@ def test_objective_trains_only_the_qformer(backbones, tokenizer):
         assert not torch.equal(trainable[name], dict(model.named_parameters())[name]), name
 
 
+def test_itm_weight_and_diagnostics(backbones, tokenizer):
+    model = tiny_model(backbones).eval()
+    pixels, input_ids, attention_mask, ids = toy_batch(tokenizer)
+    attributes = torch.tensor([[0, 0, 0, 0]] * 4 + [[1, 1, 1, 1]] * 4)  # pairs 0-3 and 4-7 differ in all four
+    objective = Stage1Objective(itm_weight=3.0, diagnostics=True)
+    out = objective(model, pixels, input_ids, attention_mask, ids, torch.Generator().manual_seed(0),
+                    attributes=attributes)
+    assert torch.allclose(out.loss, out.itc_loss + 3 * out.itm_loss + out.lm_loss)
+    d = out.diagnostics
+    assert {"itm_acc_positive", "itm_acc_hard", "itm_acc_random", "itm_negatives_available"} <= set(d)
+    assert all(0 <= float(d[k]) <= 1 for k in d if k != "itm_negative_attributes_differing")
+    # Within a half, captions state the same attributes: a negative differs in 0 or 4 attributes.
+    differing = float(d["itm_negative_attributes_differing"])
+    assert 0 <= differing <= 4 and all(not v.requires_grad for v in d.values())
+    assert not Stage1Objective()(model, pixels, input_ids, attention_mask, ids).diagnostics
+
+
 def test_a_few_steps_reduce_every_loss(backbones, tokenizer):
     model = tiny_model(backbones).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)

@@ -1,0 +1,34 @@
+"""ITM as a metric: pairs drawn from the truth, and the scores of oracle, constant and inverted models."""
+
+import pytest
+import torch
+
+from blip2.matching import matching_pairs, score_matching
+from blip2.toyworld.text import parse_attributes
+from blip2.toyworld.world import ATTRIBUTES, all_attributes
+
+
+def test_pairs_are_right_one_attribute_wrong_and_random_wrong():
+    truth = all_attributes()[::7]
+    pairs = matching_pairs(truth, seed=3)
+    assert pairs == matching_pairs(truth, seed=3)  # fixed seed: equal arguments, equal pairs
+    for attributes, right, one, random in zip(truth, pairs.right, pairs.wrong["one_attribute"],
+                                              pairs.wrong["random"], strict=True):
+        true = attributes.as_dict()
+        assert parse_attributes(right) == true
+        assert sum(parse_attributes(one)[name] != true[name] for name in ATTRIBUTES) == 1
+        assert parse_attributes(random) != true
+
+
+def test_scores_of_oracle_constant_and_inverted_models():
+    n = 10
+    right, wrong = torch.full((n,), 0.9), {"one_attribute": torch.full((n,), 0.1), "random": torch.full((n,), 0.2)}
+    oracle = score_matching(right, wrong)
+    assert oracle == {"itm_right_accuracy": 1.0, "itm_pairwise_one_attribute": 1.0, "itm_balanced_one_attribute": 1.0,
+                      "itm_pairwise_random": 1.0, "itm_balanced_random": 1.0}
+    constant = score_matching(torch.full((n,), 0.3), {"random": torch.full((n,), 0.3)})
+    assert constant["itm_pairwise_random"] == 0.5 and constant["itm_balanced_random"] == 0.5
+    inverted = score_matching(wrong["random"], {"random": right})
+    assert inverted["itm_pairwise_random"] == 0.0 and inverted["itm_balanced_random"] == 0.0
+    with pytest.raises(ValueError, match="random"):
+        score_matching(right, {"random": torch.ones(n + 1)})
