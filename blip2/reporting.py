@@ -19,7 +19,8 @@ def plot_curves(history: Sequence[dict], keys: Sequence[str], out: str | Path, t
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
-    panels = {name: [k for k in panel_keys if any(k in h for h in history)] for name, panel_keys in (panels or {}).items()}
+    panels = {name: [k for k in panel_keys if any(k in h for h in history)]
+              for name, panel_keys in (panels or {}).items()}
     panels = {name: panel_keys for name, panel_keys in panels.items() if panel_keys}
     figure, axes = plt.subplots(1, 1 + len(panels), figsize=(7 + 5 * len(panels), 4), squeeze=False)
     _plot_keys(axes[0][0], history, keys, smooth, "loss", title)
