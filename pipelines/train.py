@@ -337,6 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     config, _ = parse_config(parser, config_cls, argv[1:])
     quiet_progress_bars()
     try:  # the inputs (the previous stage's output, the data) are checked before Ray starts
+        for source in config.train_data:
+            if not Path(source).exists():
+                raise FileNotFoundError(f"train_data {source} does not exist (WebDataset tars or Parquet: "
+                                        f"`blip2 toyworld` or `blip2 capfilt` write them)")
         task = task_cls(config)
         if config.feature_cache and task.stage != "stage1":
             raise ConfigError(f"feature_cache: only stage1 trains from cached image features so far "

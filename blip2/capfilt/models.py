@@ -174,7 +174,8 @@ def check_sources(captioner: CaptionerConfig, scorer: FilterConfig) -> None:
                                 "nor a Blip2ForConditionalGeneration directory")
     if scorer.source != TOY_STAGE1 and not (_stage1_dir(Path(scorer.source)) / "config.json").is_file():
         raise FileNotFoundError(f"filter.source {scorer.source!r} is neither {TOY_STAGE1!r} nor a stage-1 export "
-                                "(train one with `blip2 train stage1 train_split=clean`; its model/ directory)")
+                                "(train one with `blip2 train stage1 train_split=clean`; its model/ directory; "
+                                "`make capfilt-bootstrap` writes the toy config's runs/capfilt/capfilt-boot-r2/model)")
 
 
 class CaptionFilter:

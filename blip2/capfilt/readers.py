@@ -58,7 +58,8 @@ def _files(path: Path, suffix: str) -> tuple[Path, list[Path]]:
     if path.is_file():
         return path.parent, [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"input path {path} does not exist")
+        raise FileNotFoundError(f"input path {path} does not exist (the toy world's shards: "
+                                f"`blip2 toyworld --out DIR` writes DIR/webdataset/<split>)")
     files = sorted(p for p in path.rglob(f"*{suffix}") if p.is_file())
     if not files:
         raise FileNotFoundError(f"no *{suffix} files under {path}")
