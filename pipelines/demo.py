@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from blip2.capfilt.config import CapFiltConfig
-from blip2.config import to_dict
+from blip2.config import from_dict, to_dict
 from blip2.reporting import plot_workflow
 from blip2.toyworld.corpus import SPLITS, ToyWorldConfig
-from blip2.toyworld.text import HELD_OUT_TASKS, INSTRUCTION_TASKS
+from blip2.toyworld.text import INSTRUCTION_TASKS
 from blip2.training.config import InstructConfig, Stage1Config, Stage2Config, TrainConfig
 from pipelines.common import init_ray, job_parser, log, parse_config
 from pipelines.demo_requests import ask_endpoint
@@ -225,7 +225,7 @@ def run(config: DemoConfig) -> dict:
     report = {"results": results, "seconds": seconds, "reused": [n for n, s in flow.states.items() if s["reused"]],
               "config": to_dict(config)}
     (out / "report.json").write_text(json.dumps(_plain(report), indent=2) + "\n")
-    _plot(results, seconds, storage, out / "results.png")
+    _plot(results, seconds, storage, out / "results.png", config.instruct.tasks.held_out())
     return report
 
 
@@ -302,7 +302,7 @@ def _serve(config: DemoConfig, model: str, retrieval: str) -> dict:
     return {"model": model, "retrieval": retrieval, "deploy_seconds": round(deployed, 1), **answers}
 
 
-def _plot(results: dict, seconds: dict, storage: Path, out: Path) -> None:
+def _plot(results: dict, seconds: dict, storage: Path, out: Path, held_out: tuple[str, ...]) -> None:
     curves = {name: json.loads((storage / name / "history.json").read_text())
               for name in ("bootstrap_filter", "bootstrap_captioner", "stage1_raw", "stage1", "stage2", "instruct")
               if (storage / name / "history.json").is_file()}
@@ -313,7 +313,7 @@ def _plot(results: dict, seconds: dict, storage: Path, out: Path) -> None:
                                      ("stage1", "clean + CapFilt web")) if name in results}
     accuracy = {task: results["instruct"]["eval"][f"accuracy/{task}"] for task in INSTRUCTION_TASKS
                 if f"accuracy/{task}" in results["instruct"]["eval"]}
-    plot_workflow(curves, retrieval, accuracy, HELD_OUT_TASKS, seconds, out)
+    plot_workflow(curves, retrieval, accuracy, held_out, seconds, out)
 
 
 def results_lines(report: dict) -> list[str]:
@@ -348,8 +348,9 @@ def results_lines(report: dict) -> list[str]:
     lines.append(f"{'stage 2 captions':22s} attribute accuracy {e['caption_accuracy']:.3f} (all four right), "
                  f"BLEU-4 {e['bleu4']:.3f}, CIDEr-D {e['cider_d']:.2f} on {e['num_images']} images")
     e = r["instruct"]["eval"]
+    held_out = from_dict(DemoConfig, report["config"]).instruct.tasks.held_out()
     lines.append(f"{'instruction following':22s} held-in {e['accuracy/held_in']:.3f}; held out "
-                 f"({', '.join(HELD_OUT_TASKS)}, zero-shot; chance 0.5) {e['accuracy/held_out']:.3f}")
+                 f"({', '.join(held_out)}, zero-shot; chance 0.5) {e['accuracy/held_out']:.3f}")
     if "serve" in r:
         s = r["serve"]
         lines.append(f"{'served (HTTP)':22s} caption right {s['caption_right']}/{s['images']}, answer right "

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blip2.toyworld.corpus import ToyWorldConfig
-from blip2.toyworld.text import INSTRUCTION_TASKS
+from blip2.toyworld.text import HELD_OUT_TASKS, INSTRUCTION_TASKS
 
 
 @dataclass(frozen=True)
@@ -157,18 +157,25 @@ class Stage2Config(TrainConfig):
             raise ValueError("max_prefix_fraction must be in [0, 1)")
 
 
+def _default_size(task: str, size: int) -> int:
+    """A family's default size: 0 for the families the toy world holds out (``HELD_OUT_TASKS``, their one
+    definition), else ``size``."""
+    return 0 if task in HELD_OUT_TASKS else size
+
+
 @dataclass(frozen=True)
 class TaskSizes:
     """How many training examples each instruction family has: families are sampled in proportion to the
-    square root of their size (InstructBLIP's mixture). A family of size 0 is never trained on."""
+    square root of their size (InstructBLIP's mixture). A family of size 0 is never trained on: it is
+    held out and evaluated zero-shot (:meth:`held_out`)."""
 
-    colour: int = 1000
-    shape: int = 1000
-    size: int = 500
-    position: int = 500
-    describe: int = 4000
-    verify: int = 4000  # single-attribute yes/no: the held-in cousin of existence
-    existence: int = 0  # held out: evaluated zero-shot
+    colour: int = _default_size("colour", 1000)
+    shape: int = _default_size("shape", 1000)
+    size: int = _default_size("size", 500)
+    position: int = _default_size("position", 500)
+    describe: int = _default_size("describe", 4000)
+    verify: int = _default_size("verify", 4000)  # single-attribute yes/no: the held-in cousin of existence
+    existence: int = _default_size("existence", 4000)  # held out by default: evaluated zero-shot
 
     def __post_init__(self) -> None:
         if any(v < 0 for v in self.as_dict().values()) or not any(self.as_dict().values()):
@@ -176,6 +183,10 @@ class TaskSizes:
 
     def as_dict(self) -> dict[str, int]:
         return {task: getattr(self, task) for task in INSTRUCTION_TASKS}
+
+    def held_out(self) -> tuple[str, ...]:
+        """The families this run never trains on (size 0), in ``INSTRUCTION_TASKS`` order."""
+        return tuple(task for task, size in self.as_dict().items() if size == 0)
 
 
 @dataclass(frozen=True)

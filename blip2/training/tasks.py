@@ -67,8 +67,10 @@ def resolve_model_dir(path: str | Path, what: str) -> Path:
     for candidate in (path, path / MODEL_DIR):
         if (candidate / "config.json").is_file():
             return candidate
+    command = f"blip2 train {what.replace(' ', '')}"  # "stage 1" -> blip2 train stage1
     raise FileNotFoundError(f"{what}: no model at {path} (expected {path / MODEL_DIR}/config.json); "
-                            f"run that job first or point the config at its output directory")
+                            f"run that job first (`{command}` writes <storage_path>/<name>/model) or point "
+                            f"the config at its output directory")
 
 
 class TrainingTask(ABC):
@@ -352,7 +354,7 @@ class InstructTask(_GenerativeTask):
                                     c.max_text_length, c.max_target_length).model_inputs()
 
     def evaluate(self, model, records):
-        held_out = tuple(t for t, size in self.config.tasks.as_dict().items() if size == 0)
+        held_out = self.config.tasks.held_out()
         return evaluate_instructions(model.model if isinstance(model, Blip2Stage2) else model, self.tokenizer,
                                      self.qformer_tokenizer, list(records), tuple(INSTRUCTION_TASKS),
                                      self.config.eval_examples_per_task, seed=self.config.seed,

@@ -69,3 +69,18 @@ def test_lm_pretraining_targets_agree_with_their_context():
         for name, value in stated.items():  # the target never contradicts its context
             if name in context:
                 assert context[name] == value
+
+
+def test_held_out_families_are_defined_once_and_every_other_list_derives_from_it():
+    """HELD_OUT_TASKS is the one definition: the training default, every shipped instruction-tuning
+    config and the demo hold out exactly those families (size 0), and evaluation reports them apart."""
+    from blip2.config import load_config
+    from blip2.training.config import InstructConfig, TaskSizes
+    from pipelines.common import CONFIG_DIR
+    from pipelines.demo import DemoConfig
+
+    assert TaskSizes().held_out() == HELD_OUT_TASKS
+    assert all(size > 0 for task, size in TaskSizes().as_dict().items() if task not in HELD_OUT_TASKS)
+    for path in sorted(CONFIG_DIR.glob("instruct_*.yaml")):
+        assert load_config(InstructConfig, path).tasks.held_out() == HELD_OUT_TASKS, path.name
+    assert load_config(DemoConfig, CONFIG_DIR / "demo.yaml").instruct.tasks.held_out() == HELD_OUT_TASKS
