@@ -3,7 +3,7 @@
 Image problems reject the record (there is nothing to caption). Caption problems — missing, empty,
 overlong, not UTF-8 — either drop the web caption and keep the image, which may still earn synthetic
 captions (``bad_caption="drop"``, the default: that is what CapFilt is for), or reject the record
-(``bad_caption="reject"``). Either way the issue is recorded in the row's ``caption_issue``.
+(``bad_caption="reject"``). Either way the row's ``caption_issue`` records it.
 """
 
 from __future__ import annotations

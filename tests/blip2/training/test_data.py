@@ -1,8 +1,12 @@
+from collections import Counter
+
 import numpy as np
 from transformers import AutoTokenizer
 
 from blip2.backbones.build import find_backbones
-from blip2.training.data import match_ids, stage1_batch
+from blip2.toyworld.corpus import ToyWorldConfig, generate_split
+from blip2.training.data import batch_images, caption_choices, match_ids, skip_counts, stage1_batch, training_records
+from tests import badcorpus
 
 
 def test_match_ids_join_phrasings_of_the_same_attributes_only():
@@ -22,3 +26,27 @@ def test_stage1_batch_shapes():
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, 12)
     assert batch["input_ids"][:, 0].eq(tokenizer.cls_token_id).all()
     assert batch["attention_mask"][2].sum() == 2  # [CLS] [SEP] of the empty caption
+
+
+def test_bad_records_are_skipped_and_counted_by_reason_in_every_layout():
+    good = generate_split(ToyWorldConfig(seed=3, clean_size=4), "clean")[0]
+    bad = badcorpus.bad_records(good.image, good.alt_text)
+
+    def column(values, missing):
+        array = np.empty(len(values), dtype=object)
+        array[:] = [missing if v is None else v for v in values]
+        return array
+
+    layouts = {  # Ray's WebDataset reader leaves NaN for a missing member; Parquet holds None
+        "webdataset": {"jpg": column([r.image for r in bad], float("nan")),
+                       "txt": column([r.text for r in bad], float("nan"))},
+        "parquet": {"image": column([r.image for r in bad], None), "text": column([r.text for r in bad], None)},
+    }
+    expected = Counter("kept" if r.expect == "ok" else r.expect for r in bad)
+    for name, batch in layouts.items():
+        counts = skip_counts(batch)
+        assert dict(zip(counts["reason"], counts["count"].tolist())) == expected, name
+        kept = training_records(batch)
+        assert len(kept["image"]) == expected["kept"]
+        assert all("\x00" not in text for texts in caption_choices(kept) for text in texts)  # NUL removed
+        assert batch_images(kept, 32).shape == (expected["kept"], 32, 32, 3)  # CMYK, 16-bit, RGBA: RGB now

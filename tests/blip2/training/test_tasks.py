@@ -2,7 +2,6 @@
 training step that moves only what trains, held-out evaluation and an export the next stage loads."""
 
 import json
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -13,11 +12,9 @@ from blip2.toyworld.corpus import ToyWorldConfig, generate_split
 from blip2.toyworld.text import INSTRUCTION_TASKS
 from blip2.toyworld.world import decode_image
 from blip2.training.config import InstructConfig, Stage1Config, Stage1ModelConfig, Stage2Config, TaskSizes
-from blip2.training.data import (CAPTIONS_JSON, batch_images, caption_choices, sample_captions, skip_counts,
-                                 task_mixture, training_records)
+from blip2.training.data import CAPTIONS_JSON, caption_choices, sample_captions, task_mixture, training_records
 from blip2.training.features import FrozenImageEncoder
 from blip2.training.tasks import InstructTask, Stage1Task, Stage2Task, resolve_model_dir
-from tests import badcorpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -169,29 +166,6 @@ def test_records_without_a_caption_are_dropped_not_fatal(records):
     assert caption_choices(kept) == [[r.alt_text] for r in records[1:-1]]
     with pytest.raises(ValueError, match="no caption"):
         caption_choices(batch)
-
-
-def test_bad_records_are_skipped_and_counted_by_reason_in_every_layout(records):
-    bad = badcorpus.bad_records(records[0].image, records[0].alt_text)
-
-    def column(values, missing):
-        array = np.empty(len(values), dtype=object)
-        array[:] = [missing if v is None else v for v in values]
-        return array
-
-    layouts = {  # Ray's WebDataset reader leaves NaN for a missing member; Parquet holds None
-        "webdataset": {"jpg": column([r.image for r in bad], float("nan")),
-                       "txt": column([r.text for r in bad], float("nan"))},
-        "parquet": {"image": column([r.image for r in bad], None), "text": column([r.text for r in bad], None)},
-    }
-    expected = Counter("kept" if r.expect == "ok" else r.expect for r in bad)
-    for name, batch in layouts.items():
-        counts = skip_counts(batch)
-        assert dict(zip(counts["reason"], counts["count"].tolist())) == expected, name
-        kept = training_records(batch)
-        assert len(kept["image"]) == expected["kept"]
-        assert all("\x00" not in text for texts in caption_choices(kept) for text in texts)  # NUL removed
-        assert batch_images(kept, 32).shape == (expected["kept"], 32, 32, 3)  # CMYK, 16-bit, RGBA: RGB now
 
 
 def test_feature_cache_of_capfilt_output_keeps_every_caption_parquet_safe(records):
