@@ -47,7 +47,8 @@ def require_checkpoint(path: str) -> str:
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise DatasetError(f"no checkpoint at {directory} (no config.json): put {CHECKPOINT_WHAT} there "
-                           f"(nothing is downloaded; save_pretrained writes this layout)")
+                           f"(nothing is downloaded; save_pretrained writes this layout, and so do "
+                           f"`blip2 train stage1|stage2|instruct`, in <storage_path>/<name>/model)")
     return path
 
 

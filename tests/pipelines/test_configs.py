@@ -16,6 +16,7 @@ from blip2.training.config import InstructConfig, Stage1Config, Stage2Config
 from pipelines.backbones import BackbonesJobConfig
 from pipelines.common import CONFIG_DIR
 from pipelines.demo import DemoConfig
+from pipelines.evaluate import EvaluateConfig
 from pipelines.serve import ServeConfig
 from pipelines.toyworld import ToyWorldJobConfig
 
@@ -25,6 +26,9 @@ JOBS = {
     "capfilt_gpu.yaml": ("capfilt", [], CapFiltConfig),
     "capfilt_toy.yaml": ("capfilt", [], CapFiltConfig),
     "demo.yaml": ("demo", [], DemoConfig),
+    "evaluate_toy.yaml": ("evaluate", [], EvaluateConfig),
+    **{f"evaluate/{task}.yaml": ("evaluate", [], EvaluateConfig)
+       for task in ("coco_captions", "coco_retrieval", "gqa", "nocaps", "okvqa", "vqav2")},
     "instruct_gpu.yaml": ("train", ["instruct"], InstructConfig),
     "instruct_toy.yaml": ("train", ["instruct"], InstructConfig),
     "serve_toy.yaml": ("serve", [], ServeConfig),
@@ -40,7 +44,7 @@ OUTPUTS = {"out", "output", "storage_path", "toyworld"}
 
 
 def test_every_shipped_config_is_checked_here():
-    assert {p.name for p in CONFIG_DIR.glob("*.yaml")} == {*JOBS, SERVE_DEPLOY}
+    assert {str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yaml")} == {*JOBS, SERVE_DEPLOY}
 
 
 def input_paths(config: dict, top_level_only: bool = False, prefix: str = "") -> list[tuple[str, str]]:
