@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from blip2.toyworld.text import CAPTION_TEMPLATES, INSTRUCTION_TASKS, caption, instruction_example
+from blip2.toyworld.text import CAPTION_TEMPLATES, INSTRUCTION_TASKS, YES_NO_TASKS, caption, instruction_example
 
 if TYPE_CHECKING:  # corpus.py writes these files, so it imports this module
     from blip2.toyworld.corpus import Record
@@ -35,8 +35,8 @@ if TYPE_CHECKING:  # corpus.py writes these files, so it imports this module
 STANDARD_DIR = "standard"
 HELD_OUT_SPLITS: tuple[str, ...] = ("val", "test", "novel")
 # Families with a one-word answer (``describe`` has many right phrasings: it is the captioning task).
-QUESTION_FAMILIES: tuple[str, ...] = ("colour", "shape", "size", "position", "verify", "existence")
-YES_NO_FAMILIES: tuple[str, ...] = ("verify", "existence")
+QUESTION_FAMILIES: tuple[str, ...] = tuple(task for task in INSTRUCTION_TASKS if task != "describe")
+YES_NO_FAMILIES: tuple[str, ...] = YES_NO_TASKS
 NUM_ANNOTATORS = 10
 
 

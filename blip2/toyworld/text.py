@@ -102,6 +102,8 @@ INSTRUCTION_TASKS: dict[str, tuple[str, ...]] = {
 # Held out of instruction tuning by default, for zero-shot evaluation (as InstructBLIP holds out
 # whole task families, not just examples).
 HELD_OUT_TASKS: tuple[str, ...] = ("existence",)
+# The families answered yes or no (chance is 0.5; the VQA/GQA copies call them "verify" questions).
+YES_NO_TASKS: tuple[str, ...] = ("verify", "existence")
 
 
 def instruction_example(task: str, attributes: Attributes, rng: np.random.Generator) -> InstructionExample:
@@ -171,7 +173,7 @@ def context_words(attributes: Attributes, rng: np.random.Generator) -> str:
 # ``existence`` and ``verify`` only copies a word (or the caption) from the context and is learned in a few
 # hundred steps; those two must compare the question's words with the context, and at equal weight a tiny
 # LM sat on the majority answer for over a thousand steps.
-LM_TASK_WEIGHTS: dict[str, float] = {task: 5.0 if task in ("existence", "verify") else 1.0 for task in INSTRUCTION_TASKS}
+LM_TASK_WEIGHTS: dict[str, float] = {task: 5.0 if task in YES_NO_TASKS else 1.0 for task in INSTRUCTION_TASKS}
 
 
 def lm_pretraining_example(attributes: Attributes, rng: np.random.Generator) -> TextExample:

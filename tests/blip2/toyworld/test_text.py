@@ -5,6 +5,8 @@ from blip2.toyworld.text import (
     CAPTION_TEMPLATES,
     HELD_OUT_TASKS,
     INSTRUCTION_TASKS,
+    LM_TASK_WEIGHTS,
+    YES_NO_TASKS,
     caption,
     caption_matches,
     instruction_example,
@@ -84,3 +86,16 @@ def test_held_out_families_are_defined_once_and_every_other_list_derives_from_it
     for path in sorted(CONFIG_DIR.glob("instruct_*.yaml")):
         assert load_config(InstructConfig, path).tasks.held_out() == HELD_OUT_TASKS, path.name
     assert load_config(DemoConfig, CONFIG_DIR / "demo.yaml").instruct.tasks.held_out() == HELD_OUT_TASKS
+
+
+def test_every_list_of_instruction_families_derives_from_the_one_definition():
+    """A new family in INSTRUCTION_TASKS reaches every list of families without another edit."""
+    from blip2.toyworld import standard
+    from blip2.training.config import TaskSizes
+    from pipelines.demo_requests import QUESTION_TASKS
+
+    questions = tuple(task for task in INSTRUCTION_TASKS if task != "describe")  # describe asks for a caption
+    assert standard.QUESTION_FAMILIES == QUESTION_TASKS == questions
+    assert set(YES_NO_TASKS) <= set(INSTRUCTION_TASKS) and standard.YES_NO_FAMILIES == YES_NO_TASKS
+    assert tuple(TaskSizes().as_dict()) == tuple(INSTRUCTION_TASKS)
+    assert tuple(LM_TASK_WEIGHTS) == tuple(INSTRUCTION_TASKS)
