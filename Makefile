@@ -40,7 +40,8 @@ test-slow: setup
 # The toy CapFilt filter that pipelines/configs/capfilt_toy.yaml reads, bootstrapped in two rounds as
 # BLIP does (README, "CapFilt"): round 1 trains stage 1 on the clean split; CapFilt keeps web records
 # with it; round 2 trains stage 1 on clean + those kept records -> runs/capfilt/capfilt-boot-r2/model.
-# About 20 minutes on two CPU cores. `make capfilt-bootstrap BOOTSTRAP_STEPS=20` for a quick try.
+# Two stage-1 runs of BOOTSTRAP_STEPS steps and one CapFilt pass over the web split;
+# `make capfilt-bootstrap BOOTSTRAP_STEPS=20` for a quick try.
 BOOTSTRAP_STEPS ?= 600
 capfilt-bootstrap: setup
 	$(BIN)/blip2 toyworld
