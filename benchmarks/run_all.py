@@ -134,8 +134,9 @@ def summary_rows(records: dict[str, dict]) -> list[tuple[str, str, str, str, str
                          _x(r["continuous_vs_serve_batch"]), ">= 1.3x",
                          f"p99 {apps['continuous']['p99_ms']:.0f} vs {apps['serve_batch']['p99_ms']:.0f} ms "
                          f"(goal: no worse)", command))
-            first = r["first_token_32"]
-            rows.append((f"Serve, {preset}: first streamed token / whole response, 32-token answers, concurrency 1",
+            first = r["first_token"]
+            rows.append((f"Serve, {preset}: first streamed token / whole response, {first['tokens']}-token answers, "
+                         "concurrency 1",
                          f"**{first['ratio']:.0%}**", "< 30%",
                          f"p50 {first['ttft_p50_ms']:.0f} vs {first['latency_p50_ms']:.0f} ms", command))
             rows.append((f"Serve, {preset}: HTTP overhead over the in-process call, p50",

@@ -22,15 +22,13 @@ GET /healthz, and GET /: a page to try the model in a browser (:mod:`blip2.servi
 import asyncio
 import json
 import signal
-import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import ray
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
@@ -41,14 +39,11 @@ from starlette.datastructures import UploadFile
 
 from blip2.config import from_dict, load_config, to_dict
 from blip2.serving.chat import chat_completion, chat_request, models_list
-from blip2.serving.decoding import ContinuousDecoder, TokenEvent, supports
+from blip2.serving.decoding import TokenEvent
 from blip2.serving.page import CONTENT_SECURITY_POLICY, page_html
 from blip2.serving.requests import (
-    EmbedRequest,
     GenerationRequest,
-    MatchRequest,
     RequestError,
-    RequestLimits,
     answer_request,
     caption_request,
     embed_request,
@@ -56,209 +51,18 @@ from blip2.serving.requests import (
     parse_json_body,
     require_media_type,
 )
-from blip2.serving.runtime import EmbedResult, GenerationResult, MatchResult, RuntimeSettings, load_runtime
+from blip2.serving.runtime import GenerationResult
 from blip2.serving.streaming import DONE, ChatChunks, TextChunks, error_event, event, stream_requested
-from pipelines.common import CONFIG_DIR, init_ray, job_parser, log, parse_config, quiet_progress_bars
-
-DEFAULT_CONFIG = "serve_toy.yaml"
-BATCHING = ("continuous", "serve_batch")
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    id: str = "blip2-toy-instruct-opt"  # the name clients use (/v1/models, chat "model")
-    source: str = "toy-instruct-opt"  # a preset name or a transformers BLIP-2 / InstructBLIP directory
-    retrieval: str = "toy-stage1"  # "toy-stage1", a stage-1 export directory, or "" (no /match, /embed)
-    retrieval_tokenizer: str = ""  # Q-Former tokenizer of the stage-1 model (default: see load_retrieval)
-    retrieval_image_processor: str = ""
-    dtype: str = "float32"  # backbones' dtype: float32 on CPU; bfloat16/float16 on GPU
-    seed: int = 0  # initialisation seed of the untrained toy presets
-    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
-
-    def __post_init__(self) -> None:
-        if not self.id or not self.source:
-            raise ValueError("model.id and model.source must be set")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-
-
-@dataclass(frozen=True)
-class ReplicaSettings:
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    torch_threads: int = 1  # intra-op threads per replica
-    max_ongoing_requests: int = 32
-    batching: str = "continuous"  # captions and answers: "continuous" (iteration-level) or "serve_batch"
-    max_batch_size: int = 16  # requests decoded together (continuous), or per @serve.batch call
-    batch_wait_timeout_s: float = 0.01  # @serve.batch: how long a batch waits to fill
-    health_check_period_s: float = 10.0
-    health_check_timeout_s: float = 30.0
-    graceful_shutdown_timeout_s: float = 20.0  # a replica being removed finishes its requests for this long
-
-    def __post_init__(self) -> None:
-        if self.num_cpus < 0 or self.num_gpus < 0 or self.torch_threads < 1:
-            raise ValueError("num_cpus and num_gpus must be >= 0, torch_threads >= 1")
-        if not 1 <= self.max_batch_size <= self.max_ongoing_requests:
-            raise ValueError("max_batch_size must be in [1, max_ongoing_requests]")
-        if self.batch_wait_timeout_s < 0:
-            raise ValueError("batch_wait_timeout_s must be >= 0")
-        if self.batching not in BATCHING:
-            raise ValueError(f"replica.batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
-
-
-@dataclass(frozen=True)
-class AutoscalingSettings:
-    """Ray Serve's ``autoscaling_config``: replicas follow ongoing requests per replica."""
-
-    min_replicas: int = 1
-    max_replicas: int = 2
-    target_ongoing_requests: float = 8.0
-    upscale_delay_s: float = 10.0
-    downscale_delay_s: float = 60.0
-    metrics_interval_s: float = 2.0
-    look_back_period_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
-            raise ValueError("need 0 <= min_replicas <= max_replicas and max_replicas >= 1")
-        if self.target_ongoing_requests <= 0:
-            raise ValueError("target_ongoing_requests must be > 0")
-
-
-@dataclass(frozen=True)
-class HttpSettings:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    app_name: str = "blip2"
-    route_prefix: str = "/"
-    max_body_bytes: int = 8 * 1024 * 1024  # larger bodies get a 413 before they are read
-    ingress_replicas: int = 1
-    ingress_num_cpus: float = 0.25
-    ingress_max_ongoing_requests: int = 256  # the ingress only waits on the model: let it hold many requests
-    retries: int = 2  # a request whose replica died is sent again (inference is idempotent)
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    model: ModelSettings = field(default_factory=ModelSettings)
-    replica: ReplicaSettings = field(default_factory=ReplicaSettings)
-    autoscaling: AutoscalingSettings = field(default_factory=AutoscalingSettings)
-    http: HttpSettings = field(default_factory=HttpSettings)
-    limits: RequestLimits = field(default_factory=RequestLimits)
-
-    def __post_init__(self) -> None:
-        if not self.autoscaling.target_ongoing_requests < self.replica.max_ongoing_requests:
-            raise ValueError("autoscaling.target_ongoing_requests must be below replica.max_ongoing_requests "
-                             "(else a replica is never busy enough to trigger a scale-up)")
-
-
-# ---------------------------------------------------------------------------------------------------
-# The model deployment: loads once, batches, autoscales (its options are set in `application`).
-
-
-@serve.deployment
-class VisionLanguageModel:
-    def __init__(self, config: dict[str, Any]) -> None:
-        config = from_dict(ServeConfig, config)
-        quiet_progress_bars()
-        torch.set_num_threads(config.replica.torch_threads)
-        settings = config.model
-        device = "cuda" if config.replica.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.runtime = load_runtime(settings.source, settings.retrieval, settings.retrieval_tokenizer,
-                                    settings.retrieval_image_processor, settings.runtime, device,
-                                    getattr(torch, settings.dtype), settings.seed)
-        if config.limits.max_new_tokens > self.runtime.max_new_tokens_supported():
-            raise ValueError(f"limits.max_new_tokens {config.limits.max_new_tokens} does not fit the LLM's window; "
-                             f"at most {self.runtime.max_new_tokens_supported()}")
-        # The @serve.batch methods below take their sizes from the config here (ReplicaSettings holds the
-        # only default): Serve's decorator reads literals at import time, before any config exists.
-        for method in (self.generate, self.match, self.embed):
-            method.set_max_batch_size(config.replica.max_batch_size)
-            method.set_batch_wait_timeout_s(config.replica.batch_wait_timeout_s)
-        self.runtime.health_check()
-        self.decoder = None
-        if config.replica.batching == "continuous":
-            self.decoder = ContinuousDecoder(self.runtime, config.replica.max_batch_size)
-            self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-            self._streams_lock = threading.Lock()  # a request's queue exists before its first event
-            self._wake = threading.Event()
-            threading.Thread(target=self._decode_loop, name="decode-loop", daemon=True).start()
-
-    # -- continuous batching: a thread steps the decoder and hands each event to its request's queue --
-
-    def _decode_loop(self) -> None:
-        while True:
-            if not self.decoder.has_work():
-                self._wake.wait(1.0)
-                self._wake.clear()
-                continue
-            try:
-                events: list[TokenEvent | Exception] = self.decoder.step()
-            except Exception as error:  # noqa: BLE001 - fail the requests in flight, keep serving new ones
-                self.decoder = ContinuousDecoder(self.runtime, self.decoder.max_batch_size)
-                with self._streams_lock:
-                    failed = list(self._streams)
-                self._deliver([(i, error) for i in failed])
-                continue
-            self._deliver([(e.request_id, e) for e in events])
-
-    def _deliver(self, items: list[tuple[int, TokenEvent | Exception]]) -> None:
-        with self._streams_lock:
-            targets = [(self._streams.get(i), item) for i, item in items]
-        for target, item in targets:
-            if target is not None:  # else: cancelled meanwhile
-                loop, queue = target
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
-    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """The request's token events as they are decoded (one event with the whole text under
-        ``serve_batch``, and for beam search). Closing the stream (the client went away) cancels it."""
-        if self.decoder is None or not supports(request.params):
-            result = (await self.generate(request) if self.decoder is None
-                      else (await asyncio.to_thread(self.runtime.generate, [request]))[0])
-            yield TokenEvent(0, result.text, result)
-            return
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._streams_lock:
-            request_id = self.decoder.submit(request)
-            self._streams[request_id] = (asyncio.get_running_loop(), queue)
-        self._wake.set()
-        finished = False
-        try:
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                finished = item.result is not None
-                yield item
-        finally:
-            with self._streams_lock:
-                del self._streams[request_id]
-            if not finished:
-                self.decoder.cancel(request_id)
-
-    def decoding_stats(self) -> dict[str, int]:
-        """Requests in the running decode batch (continuous batching only)."""
-        return {"running": len(self.decoder.running) if self.decoder is not None else 0}
-
-    # -- @serve.batch: model calls run in a worker thread so that the event loop queues the next batch --
-
-    @serve.batch
-    async def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        return await asyncio.to_thread(self.runtime.generate, requests)
-
-    @serve.batch
-    async def match(self, requests: list[MatchRequest]) -> list[MatchResult]:
-        return await asyncio.to_thread(self.runtime.match, requests)
-
-    @serve.batch
-    async def embed(self, requests: list[EmbedRequest]) -> list[EmbedResult]:
-        return await asyncio.to_thread(self.runtime.embed, requests)
-
-    async def check_health(self) -> None:
-        """Serve calls this periodically; a raise marks the replica unhealthy and replaces it."""
-        await asyncio.to_thread(self.runtime.health_check)
-
+from pipelines.common import CONFIG_DIR, init_ray, job_parser, log, parse_config
+from pipelines.serve_config import (  # noqa: F401 - re-exported: the job's config is imported from here
+    DEFAULT_CONFIG,
+    AutoscalingSettings,
+    HttpSettings,
+    ModelSettings,
+    ReplicaSettings,
+    ServeConfig,
+)
+from pipelines.serve_model import VisionLanguageModel
 
 # ---------------------------------------------------------------------------------------------------
 # The ingress: HTTP in, validated typed requests to the model deployment, JSON out.

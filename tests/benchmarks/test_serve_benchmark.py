@@ -26,6 +26,6 @@ def test_serve_benchmark_reports_every_app_at_every_concurrency(ray_local, tmp_p
             assert figures["errors"] == 0 and figures["requests_per_s"] > 0 and figures["p99_ms"] >= figures["p50_ms"] > 0
             assert 0 < figures["ttft_p50_ms"] <= figures["p99_ms"] and figures["tokens_per_s"] > figures["requests_per_s"]
     assert toy["compared_at"] == 4 and toy["continuous_vs_batch1"] > 0 and toy["direct_p50_ms"] > 0
-    assert toy["first_token_32"]["errors"] == 0 and 0 < toy["first_token_32"]["ratio"] <= 1
+    assert toy["first_token"]["errors"] == 0 and 0 < toy["first_token"]["ratio"] <= 1 and toy["first_token"]["tokens"] == 4
     assert toy["http_overhead_p50_ms"] == pytest.approx(toy["http_p50_ms"] - toy["direct_p50_ms"])
     assert "continuous / @serve.batch" in capsys.readouterr().out
