@@ -53,8 +53,12 @@ def parse_config(parser: argparse.ArgumentParser, config_cls: type[T], argv: Seq
 
 
 def log(message: str) -> None:
-    """Progress output of long jobs: one flushed line each, so `ray job logs` shows it as it happens."""
-    print(message, flush=True)
+    """Progress output of long jobs: one flushed line each, so `ray job logs` shows it as it happens.
+
+    Written to stdout directly, not with ``print``: on Ray Train workers ``print`` is patched to go through
+    Train's logger, which reached the driver's output twice (every step line appeared twice)."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def quiet_progress_bars() -> None:
