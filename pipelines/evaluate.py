@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from blip2.config import to_dict
+from blip2.config import ConfigError, to_dict
 from blip2.datasets.errors import DatasetError
 from blip2.datasets.predict import SetPredictor, itc_similarity, read_image, require_checkpoint
 from blip2.datasets.tasks import (
@@ -37,6 +37,7 @@ from blip2.datasets.tasks import (
 from blip2.models.generation import GenerationParams
 from blip2.reporting import plot_metrics
 from blip2.toyworld.standard import HELD_OUT_SPLITS, standard_files
+from blip2.training.config import TrainConfig
 from pipelines.common import init_ray, job_parser, log, parse_config, quiet_progress_bars
 
 
@@ -239,6 +240,42 @@ def run(config: EvaluateConfig) -> dict:
     log(f"[evaluate] {config.task} done in {seconds:.0f}s: " + ", ".join(f"{k} {v:.3f}" for k, v in headline.items())
         + f" -> {out}/metrics.json")
     return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sets a training config names (``eval:``), scored on the job's export by the same code.
+
+STAGE_TASK_KINDS = {"stage1": ("retrieval",), "stage2": ("captioning",), "instruct": ("captioning", "vqa", "gqa")}
+
+
+def check_eval_sets(stage: str, config: TrainConfig) -> None:
+    """Fail before training when ``eval`` names a task the stage's model cannot do."""
+    for eval_set in config.eval:
+        if TASK_KINDS[eval_set.task] not in STAGE_TASK_KINDS[stage]:
+            raise ConfigError(f"eval task {eval_set.task} needs a {TASK_KINDS[eval_set.task]} model; {stage} trains "
+                              f"one for {' / '.join(STAGE_TASK_KINDS[stage])}")
+
+
+def evaluate_training_output(config: TrainConfig, model_dir: Path, qformer_tokenizer: str, vision: str) -> dict:
+    """Score the exported ``model_dir`` on every set of ``config.eval``; ``{set name: metrics}``. A toy
+    split's standard copy is written with the toy world only when a set names one."""
+    from pipelines.toyworld import ToyWorldJobConfig, ensure_toyworld
+
+    results = {}
+    for eval_set in config.eval:
+        if eval_set.split:
+            ensure_toyworld(ToyWorldJobConfig(out=config.toyworld, world=config.world))
+        retrieval = TASK_KINDS[eval_set.task] == "retrieval"
+        scaling = config.scaling
+        report = run(EvaluateConfig(
+            task=eval_set.task, model=str(model_dir), annotations=eval_set.annotations, questions=eval_set.questions,
+            images=eval_set.images, toyworld=config.toyworld if eval_set.split else "", split=eval_set.split or "test",
+            out=str(config.output / "eval" / eval_set.name.replace("/", "-")), prompt=eval_set.prompt,
+            generation=eval_set.generation, rerank_k=eval_set.rerank_k, limit=eval_set.limit,
+            tokenizer=qformer_tokenizer if retrieval else "", image_processor=vision if retrieval else "",
+            num_actors=scaling.num_workers, gpus_per_actor=scaling.gpus_per_worker if scaling.use_gpu else 0.0))
+        results[eval_set.name] = {**report["metrics"], "seconds": report["seconds"]}
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:

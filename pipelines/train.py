@@ -49,6 +49,7 @@ from blip2.training.loop import StepRunner
 from blip2.training.state import TRAINABLE, TrainingProgress, load_training_state, save_training_state
 from blip2.training.tasks import MODEL_DIR, TASKS, TrainingTask
 from pipelines.common import init_ray, job_parser, log, parse_config, quiet_progress_bars
+from pipelines.evaluate import check_eval_sets, evaluate_training_output
 from pipelines.toyworld import ToyWorldJobConfig, ensure_toyworld
 
 HISTORY = "history.json"  # loss curve, kept in every checkpoint so a resumed run continues it
@@ -248,6 +249,9 @@ def absolute_paths(config: TrainConfig) -> TrainConfig:
     changes = {name: str(Path(value).resolve()) for name in PATH_FIELDS
                if (value := getattr(config, name, "")) and not (name == "llm" and value in ("opt", "t5"))}
     changes["train_data"] = tuple(str(Path(path).resolve()) for path in config.train_data)
+    changes["eval"] = tuple(dataclasses.replace(s, **{f: str(Path(getattr(s, f)).resolve()) for f in
+                                                    ("annotations", "questions", "images") if getattr(s, f)})
+                            for s in config.eval)
     model = getattr(config, "model", None)
     if model is not None and getattr(model, "bert_path", ""):
         changes["model"] = dataclasses.replace(model, bert_path=str(Path(model.bert_path).resolve()))
@@ -257,6 +261,7 @@ def absolute_paths(config: TrainConfig) -> TrainConfig:
 def fit(stage: str, config: TrainConfig, task: TrainingTask | None = None) -> Path:
     """Train on Ray Train, then evaluate and export on the driver. Returns the output directory."""
     config = absolute_paths(config)
+    check_eval_sets(stage, config)
     task = task or TASKS[stage][1](config)
     data, input_report = training_data(config)
     if config.feature_cache:
@@ -316,6 +321,10 @@ def finish(stage: str, config: TrainConfig, checkpoint, task: TrainingTask | Non
     }
     if input_report is not None:
         report["input"] = input_report
+    if config.eval:  # the standard sets the config names, scored on the export by blip2 evaluate's code
+        log(f"[{stage}] scoring {', '.join(s.name for s in config.eval)} (blip2 evaluate)")
+        report["benchmarks"] = evaluate_training_output(config, output / MODEL_DIR,
+                                                        str(task.backbones.qformer_tokenizer), str(task.backbones.vision))
     (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"[{stage}] done: {json.dumps(report['headline'])}"
         + (f"; input: {describe_input(input_report)}" if input_report is not None else ""))
@@ -337,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config, _ = parse_config(parser, config_cls, argv[1:])
     quiet_progress_bars()
     try:  # the inputs (the previous stage's output, the data) are checked before Ray starts
+        check_eval_sets(stage, config)
         for source in config.train_data:
             if not Path(source).exists():
                 raise FileNotFoundError(f"train_data {source} does not exist (WebDataset tars or Parquet: "

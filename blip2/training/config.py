@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blip2.datasets.tasks import TASK_KINDS
+from blip2.models.generation import GenerationParams
 from blip2.toyworld.corpus import ToyWorldConfig
+from blip2.toyworld.standard import HELD_OUT_SPLITS
 from blip2.toyworld.text import HELD_OUT_TASKS, INSTRUCTION_TASKS
 
 
@@ -54,6 +57,39 @@ class ScalingSettings:
 
 
 @dataclass(frozen=True)
+class EvalSet:
+    """A standard evaluation set the trained model is scored on after training, through the same
+    loaders and metrics as ``blip2 evaluate`` (``blip2/datasets/tasks.py`` lists the tasks and files).
+
+    Either ``split`` (``val`` / ``test`` / ``novel``: the job's toy world's copy of that split in the
+    task's standard format, written with the toy world if missing) or the set's own files.
+    """
+
+    task: str  # coco_retrieval, coco_captions, nocaps, vqav2, okvqa, gqa
+    split: str = ""  # a toy-world split; empty: the files below
+    annotations: str = ""
+    questions: str = ""
+    images: str = ""
+    prompt: str = ""  # captioning: text before the caption; questions: a template with {}
+    generation: GenerationParams = field(default_factory=GenerationParams)
+    rerank_k: int = 16
+    limit: int = 0  # the first N images / questions (0: all)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASK_KINDS:
+            raise ValueError(f"eval task must be one of {', '.join(TASK_KINDS)}, got {self.task!r}")
+        if self.split and self.split not in HELD_OUT_SPLITS:
+            raise ValueError(f"eval split must be one of {HELD_OUT_SPLITS}, got {self.split!r}")
+        if not self.split and not self.images:
+            raise ValueError(f"eval set {self.task}: give split (a toy-world split) or the set's files (images=...)")
+
+    @property
+    def name(self) -> str:
+        """The set's key in ``report.json``'s ``benchmarks``: ``<task>`` or ``<task>/<toy split>``."""
+        return f"{self.task}/{self.split}" if self.split else self.task
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """What every training job shares.
 
@@ -62,8 +98,9 @@ class TrainConfig:
     ``text``, or CapFilt's ``kept`` Parquet output (``captions`` lists; one kept caption is sampled per
     record per step); several sources train as one shuffled mix (e.g. a clean set plus CapFilt's output
     of a web crawl). Else it is the toy world's ``train_split`` under ``toyworld`` (written with
-    ``world`` if missing). Held-out evaluation always uses the toy world's ``eval_split``, whose ground
-    truth it needs.
+    ``world`` if missing). The toy-only held-out metrics use the toy world's ``eval_split``, whose ground
+    truth they need; the standard ones come from the sets ``eval`` names (``EvalSet``), each scored by
+    ``blip2 evaluate``'s code into ``report.json``'s ``benchmarks``.
     """
 
     name: str = "train"
@@ -73,6 +110,7 @@ class TrainConfig:
     train_split: str = "clean"
     train_data: tuple[str, ...] = ()  # one path (`train_data=DIR`) or a list (`train_data=[DIR1,DIR2]`)
     eval_split: str = "test"
+    eval: tuple[EvalSet, ...] = ()  # standard sets scored after training, e.g. [{task: vqav2, split: test}]
     backbones: str = ""  # empty: the toy backbones shipped in the package
     optim: OptimConfig = field(default_factory=OptimConfig)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)

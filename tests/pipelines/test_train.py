@@ -178,11 +178,22 @@ def test_stage1_stage2_instruct_chain_on_every_input_kind(tmp_path, ray_local, c
                              "captions": [[t, t] for t in texts], "caption_sources": [["web", "synthetic"]] * len(texts),
                              "caption_scores": [[0.9, 0.8]] * len(texts)}), kept / "part-0.parquet")
     assert train.main(["instruct", *common, f"stage2={runs / 's2-opt'}", "name=inst", f"train_data={kept}",
-                       "eval_examples_per_task=2"]) == 0
+                       "eval_examples_per_task=2",
+                       "eval=[{task: vqav2, split: test, limit: 6, generation: {max_new_tokens: 3}}]"]) == 0
     report = json.loads((runs / "inst" / "report.json").read_text())
     assert report["eval"]["num_examples"] == 2 * len(INSTRUCTION_TASKS)  # two questions per family
+    # the standard set the config names, scored by blip2 evaluate's code on the export
+    assert report["benchmarks"]["vqav2/test"]["num_questions"] == 6
+    assert (runs / "inst" / "eval" / "vqav2-test" / "predictions.jsonl").exists()
     assert {"accuracy/held_in", "accuracy/held_out"} <= set(report["headline"])
     assert (runs / "inst" / "model" / "config.json").exists()
+
+
+def test_an_eval_set_the_stage_cannot_score_exits_2_before_ray_starts(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["stage1", f"storage_path={tmp_path}", "eval=[{task: vqav2, split: test}]"])
+    assert exit_info.value.code == 2
+    assert "eval task vqav2 needs a vqa model; stage1 trains one for retrieval" in capsys.readouterr().err
 
 
 def test_a_missing_previous_stage_exits_2_before_ray_starts(tmp_path, capsys):
