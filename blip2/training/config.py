@@ -109,7 +109,7 @@ class TrainConfig:
     world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
     train_split: str = "clean"
     train_data: tuple[str, ...] = ()  # one path (`train_data=DIR`) or a list (`train_data=[DIR1,DIR2]`)
-    eval_split: str = "test"
+    eval_split: str = "test"  # the toy world's split for the toy-only metrics; empty: none
     eval: tuple[EvalSet, ...] = ()  # standard sets scored after training, e.g. [{task: vqav2, split: test}]
     backbones: str = ""  # empty: the toy backbones shipped in the package
     optim: OptimConfig = field(default_factory=OptimConfig)

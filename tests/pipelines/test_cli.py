@@ -11,7 +11,7 @@ import yaml
 
 from blip2.config import load_config
 from blip2.training.config import InstructConfig, Stage1Config, Stage2Config
-from pipelines import backbones, cli, demo, toyworld, train
+from pipelines import backbones, cli, demo, evaluate, toyworld, train
 from pipelines.common import CONFIG_DIR
 
 
@@ -48,6 +48,9 @@ def test_unknown_subcommand_fails_with_usage(capsys):
     (train, Stage1Config, "stage1_gpu.yaml"),
     (train, Stage2Config, "stage2_gpu.yaml"),
     (train, InstructConfig, "instruct_gpu.yaml"),
+    (evaluate, evaluate.EvaluateConfig, "evaluate_toy.yaml"),
+    *[(evaluate, evaluate.EvaluateConfig, f"evaluate/{task}.yaml")
+      for task in ("coco_retrieval", "coco_captions", "nocaps", "vqav2", "okvqa", "gqa")],
 ])
 def test_shipped_configs_load_into_their_typed_config(module, config_cls, name, capsys):
     assert isinstance(load_config(config_cls, CONFIG_DIR / name), config_cls)
