@@ -19,7 +19,6 @@ counting image tokens) for fake tensors, which meta tensors cannot answer.
 from __future__ import annotations
 
 import weakref
-from contextlib import nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,49 +33,64 @@ from torch.utils.flop_counter import FlopCounterMode
 class MemoryTracker(TorchDispatchMode):
     """Live bytes of the tensor storages created by ops run inside it, and their peak.
 
-    A storage is counted once however many views share it (storages of ``existing`` tensors, the
-    weights, never), and uncounted when Python's last reference to it goes (a weakref finalizer).
-    ``peak_without(storages)`` takes storages out of the peak afterwards, e.g. parameter gradients
-    that the caller accounts for itself."""
+    Lifetimes follow the tensors, whose Python objects live exactly as long as their C++ tensors (autograd's
+    saved tensors included): a storage (keyed by its C++ address) is counted when the first tensor on it
+    appears and uncounted when the last one is freed (weakref finalizers), however many views share it.
+    Storages of ``existing`` tensors (the weights) are never counted. ``peak_without(storages)`` takes
+    storages out of the peak afterwards, e.g. parameter gradients that the caller accounts for itself."""
 
     def __init__(self, existing: list[torch.Tensor] = ()) -> None:
         super().__init__()
-        # Storages made before (the parameters): views of them (``weight.t()``) allocate nothing.
-        self._existing = {id(t.untyped_storage()) for t in existing}
+        self._existing = {t.untyped_storage()._cdata for t in existing}
+        self._keep = list(existing)  # the weights outlive the trace, so their addresses are never reused
         self.live = 0
         self.peak = 0
-        self._sizes: dict[int, int] = {}  # id(storage) -> bytes, for storages alive now
-        self._events: list[tuple[int, int]] = []  # (id(storage), +bytes / -bytes) in order
+        self._tensors: set[int] = set()  # id() of tracked tensors alive now
+        self._views: dict[int, int] = {}  # storage address -> tracked tensors alive on it
+        self._sizes: dict[int, int] = {}  # storage address -> bytes
+        self._serials: dict[int, int] = {}  # storage address -> allocation number (addresses get reused)
+        self._events: list[tuple[int, int]] = []  # (allocation number, +bytes / -bytes) in order
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
-                self._track(tensor.untyped_storage())
+                self._track(tensor)
         return out
 
-    def _track(self, storage: torch.UntypedStorage) -> None:
-        key = id(storage)
-        if key in self._sizes or key in self._existing:  # a view, or an op that returned its input (in-place)
+    def _track(self, tensor: torch.Tensor) -> None:
+        if id(tensor) in self._tensors:  # an in-place op returns its input
             return
-        size = storage.nbytes()
-        self._sizes[key] = size
-        self._events.append((key, size))
-        self.live += size
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._free, key)
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self._existing:
+            return
+        self._tensors.add(id(tensor))
+        if key not in self._views:
+            self._views[key] = 0
+            self._sizes[key] = size = storage.nbytes()
+            self._serials[key] = len(self._events)
+            self._events.append((self._serials[key], size))
+            self.live += size
+            self.peak = max(self.peak, self.live)
+        self._views[key] += 1
+        weakref.finalize(tensor, self._release, id(tensor), key)
 
-    def _free(self, key: int) -> None:
-        size = self._sizes.pop(key, 0)
-        self._events.append((key, -size))
-        self.live -= size
+    def _release(self, tensor_id: int, key: int) -> None:
+        self._tensors.discard(tensor_id)
+        self._views[key] -= 1
+        if self._views[key] == 0:
+            del self._views[key]
+            size = self._sizes.pop(key)
+            self._events.append((self._serials.pop(key), -size))
+            self.live -= size
 
     def peak_without(self, storages: list[torch.UntypedStorage]) -> int:
         """The peak had ``storages`` (still alive) never been counted."""
-        skip = {id(s) for s in storages}
+        skip = {self._serials[s._cdata] for s in storages if s._cdata in self._serials}
         live = peak = 0
-        for key, delta in self._events:
-            if key not in skip:
+        for serial, delta in self._events:
+            if serial not in skip:
                 live += delta
                 peak = max(peak, live)
         return peak
@@ -122,18 +136,21 @@ def _vision_flops(counter: FlopCounterMode) -> int:
                 if name.endswith(".vision_model") or ("." not in name and name.endswith("VisionModel"))] or [0])
 
 
-def measure_step(models: list[nn.Module], step: Callable[[], object], mode: FakeTensorMode,
-                 count_flops: bool = True) -> StepMeasure:
+def measure_step(models: list[nn.Module], step: Callable[[], object], mode: FakeTensorMode) -> StepMeasure:
     """Run ``step()`` inside ``mode`` under both counters; ``models`` (already :func:`to_fake`-d) are
     what it runs, their weights made before it and so not counted.
 
     ``step`` builds its fake inputs and runs forward (and ``loss.backward()`` for training); what it
     returns is kept alive until the counts are taken, so an inference step can return its KV cache.
-    ``count_flops=False`` traces memory alone (FLOPs 0), about a third faster."""
+
+    Always both counters: a memory trace without ``FlopCounterMode`` (whose module hooks take part in
+    the step) came out slightly different (the largest real-size batch moved by about 2), and the
+    largest-batch fit needs its two measurements taken the same way.
+    """
     params = [p for model in models for p in model.parameters()]
     for p in params:
         p.grad = None
-    flops = FlopCounterMode(display=False) if count_flops else nullcontext()
+    flops = FlopCounterMode(display=False)
     tracker = MemoryTracker([*params, *(b for model in models for b in model.buffers())])
     with mode, flops, tracker:
         result = step()
@@ -143,7 +160,5 @@ def measure_step(models: list[nn.Module], step: Callable[[], object], mode: Fake
     del result
     for p in params:
         p.grad = None
-    if not count_flops:
-        return StepMeasure(0, 0, int(peak), int(peak_with_grads), int(still_alive))
     return StepMeasure(int(flops.get_total_flops()), _vision_flops(flops), int(peak), int(peak_with_grads),
                        int(still_alive))

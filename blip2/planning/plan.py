@@ -78,8 +78,8 @@ class _Job:
         self.models, self.step, self.mode = models, step, mode
         self.frozen_params, self.trainable_params = frozen_params, trainable_params
 
-    def measure(self, batch: int, count_flops: bool = True) -> StepMeasure:
-        return measure_step(self.models, lambda: self.step(batch), self.mode, count_flops)
+    def measure(self, batch: int) -> StepMeasure:
+        return measure_step(self.models, lambda: self.step(batch), self.mode)
 
 
 def _prepare(model: nn.Module, trainable: tuple[str, ...], mode: FakeTensorMode) -> tuple[int, int]:
@@ -162,7 +162,7 @@ def plan_row(config: PlanConfig, preset_name: str, stage: str) -> PlanRow:
         steps, batch = None, config.capfilt_batch if stage == "capfilt" else config.serve_batch
     # The peak is affine in the batch: measure at two sizes, solve for the largest that fits.
     low, high = max(1, batch // 2), max(2, batch)
-    m_low, m_high = job.measure(low, count_flops=False), job.measure(high)
+    m_low, m_high = job.measure(low), job.measure(high)
     per_sample = (m_high.peak_bytes - m_low.peak_bytes) / (high - low)
     fixed = m_high.peak_bytes - per_sample * high
     budget = gpu.memory_gib * GIB * config.memory_fraction - weights
@@ -220,6 +220,7 @@ def plan_rows(config: PlanConfig, progress: Callable[[str], None] = lambda _: No
     jobs = plan_jobs(config)
     rows = []
     for i, (name, stage) in enumerate(jobs, 1):
-        progress(f"plan: [{i}/{len(jobs)}] {stage} {name}: measuring on fake tensors")
+        label = f"qformer-{config.vision or preset(name).vision}" if stage == "stage1" else name
+        progress(f"plan: [{i}/{len(jobs)}] {stage} {label}: measuring on fake tensors")
         rows.append(plan_row(config, name, stage))
     return rows
