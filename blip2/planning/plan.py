@@ -54,7 +54,7 @@ class PlanRow:
     params: int  # of the model(s) the job holds
     trainable_params: int
     batch: int  # per worker per optimiser step (training), images per call (CapFilt), requests (serving)
-    micro_batch: int  # what one forward holds: min(batch, max_batch)
+    micro_batch: int  # what one forward holds: the batch split into `accum` micro-batches of at most max_batch
     accum: int  # micro-batches per step
     max_batch: int  # largest micro-batch that fits
     memory_gib: float  # per worker at micro_batch
@@ -167,8 +167,8 @@ def plan_row(config: PlanConfig, preset_name: str, stage: str) -> PlanRow:
     fixed = m_high.peak_bytes - per_sample * high
     budget = gpu.memory_gib * GIB * config.memory_fraction - weights
     max_batch = max(0, int((budget - fixed) // per_sample)) if per_sample > 0 else batch
-    micro = max(1, min(batch, max_batch))
-    accum = math.ceil(batch / micro)
+    accum = math.ceil(batch / max(1, min(batch, max_batch)))
+    micro = math.ceil(batch / accum)  # the batch split evenly: 95 in 2 is 48 + 47, not 94 + 1
     memory = weights + fixed + per_sample * micro
     flops = m_high.flops / high * batch  # FLOPs are linear in the batch: every op is per sample
     step_seconds = flops / (config.mfu * gpu.bf16_tflops * 1e12)
