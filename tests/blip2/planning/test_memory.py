@@ -8,11 +8,11 @@ the step (``/proc/self/clear_refs``), minus the resident set just before it: wha
 worst moment. A second batch size (slow tier) checks that the trace follows the batch, as the plan's
 largest-batch search assumes.
 
-Tolerance 10% (measured: traced 204.0 / 407.9 MiB, real 201.3 / 402.8 MiB at batches 48 / 96): the
-process also holds what the trace does not model and a GPU would not hold either: CPU kernels' scratch buffers (oneDNN / MKL
-workspaces), Python objects of the autograd graph, page rounding. On a noisy shared machine this
-measure is still deterministic: it counts this process's pages, not time, and other processes do not
-change it.
+Tolerance 10% (measured: traced 204.0 / 407.9 MiB, real 201.3 / 402.8 MiB at batches 48 / 96):
+the process also holds what the trace does not model and a GPU would not hold either: CPU kernels'
+scratch buffers (oneDNN / MKL workspaces), Python objects of the autograd graph, page rounding. On a
+noisy shared machine this measure is still deterministic: it counts this process's pages, not time,
+and other processes do not change it.
 """
 
 from __future__ import annotations
