@@ -96,7 +96,7 @@ def _prepare(model: nn.Module, trainable: tuple[str, ...], mode: FakeTensorMode)
 
 def _shapes(config: PlanConfig, p: RealPreset, stage: str, batch: int) -> Shapes:
     if stage == "stage1":
-        return Shapes(batch, 0, config.text_length)
+        return Shapes(batch, 0, config.text_length, workers=config.workers)
     if stage == "stage2":
         prefix = config.text_length // 4 if p.encoder_decoder else 0  # prefix LM: part of the caption in the encoder
         return Shapes(batch, prefix, config.text_length - prefix)

@@ -36,6 +36,7 @@ class Shapes:
     target: int
     image_size: int = 224
     num_captions: int = 1  # CapFilt: synthetic captions per image
+    workers: int = 1  # stage 1: ITC and ITM's hard negatives see every worker's batch
 
 
 def _ids(batch: int, length: int, high: int = 1000) -> torch.Tensor:
@@ -47,10 +48,19 @@ def _pixels(model: nn.Module, shapes: Shapes, batch: int | None = None) -> torch
     return torch.empty(batch or shapes.batch, 3, shapes.image_size, shapes.image_size, dtype=dtype)
 
 
+def _as_if_gathered(tensor: torch.Tensor, rank: int, world_size: int, with_grad: bool) -> torch.Tensor:
+    """Stands in for the all-gather across ``world_size`` workers: a tensor of the gathered size (what a
+    worker holds after the gather), built from copies of this worker's slice."""
+    return torch.cat([tensor] * world_size) if world_size > 1 else tensor
+
+
 def stage1_step(model: Blip2QFormerForPretraining, shapes: Shapes) -> None:
-    """ITC + ITM + ITG over a batch of images and ``target``-token captions, then backward."""
+    """ITC + ITM + ITG over a batch of images and ``target``-token captions, then backward. As worker 0
+    of ``workers``: ITC's similarities span every worker's batch, and ITM mines hard negatives from every
+    worker's image embeddings and texts, which each worker therefore holds."""
     ids = _ids(shapes.batch, shapes.target)
-    out = Stage1Objective()(model, _pixels(model, shapes), ids, torch.ones_like(ids))
+    objective = Stage1Objective(rank=0, world_size=shapes.workers, gather=_as_if_gathered)
+    out = objective(model, _pixels(model, shapes), ids, torch.ones_like(ids))
     out.loss.backward()
 
 
