@@ -360,6 +360,35 @@ def test_a_replica_killed_mid_load_fails_at_most_one_percent(server):
     assert killed[0] not in names
 
 
+@pytest.mark.slow
+def test_a_replica_killed_mid_stream_ends_the_stream_with_an_error_event(server):
+    """After text was sent, a lost replica is an error event, not a retry that would send text twice.
+    The larger preset and 48 forced tokens give the kill time to land mid-answer."""
+    import ray
+    from ray import serve
+
+    client, _ = server
+    config = load_config(ServeConfig, CONFIG_DIR / "serve_toy.yaml", [
+        *TEST_OVERRIDES, "model.source=toy-instruct-opt-large", "model.retrieval=", "replica.num_cpus=0.25",
+        "autoscaling.max_replicas=1", "limits.max_new_tokens=48", f"http.port={client.base_url.port}"])
+    serve.run(application(config), name="midstream", route_prefix="/midstream")
+    try:
+        body = {"image": b64(png()), "instruction": "what shape?", "max_new_tokens": 48, "min_new_tokens": 48,
+                "stream": True}
+        with client.stream("POST", "/midstream/v1/answer", json=body) as response:
+            lines = (line for line in response.iter_lines() if line)
+            first = next(lines)
+            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                     if "midstream" in a["name"] and "VisionLanguageModel" in a["name"]]
+            ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+            rest = list(lines)
+        events = [json.loads(line[len("data: "):]) for line in [first, *rest]]
+        assert rest[-1] != "data: [DONE]" and events[-1]["error"]["code"] == "replica_lost", events[-1]
+        assert 0 < len("".join(e["answer"] for e in events[:-1])) and all("usage" not in e for e in events[:-1])
+    finally:
+        serve.delete("midstream")
+
+
 def test_the_job_entrypoint_deploys_checks_and_removes_its_app(server, capsys):
     from ray import serve
 
