@@ -111,10 +111,6 @@ class VisionLanguageModel:
             if not finished:
                 self.decoder.cancel(request_id)
 
-    def decoding_stats(self) -> dict[str, int]:
-        """Requests in the running decode batch (continuous batching only)."""
-        return {"running": len(self.decoder.running) if self.decoder is not None else 0}
-
     # -- @serve.batch: model calls run in a worker thread so that the event loop queues the next batch --
 
     @serve.batch
