@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from blip2.config import load_config
+from blip2.matching import evaluate_matching
 from blip2.toyworld.corpus import generate_split
 from blip2.toyworld.text import INSTRUCTION_TASKS
 from blip2.toyworld.world import decode_image
@@ -24,17 +25,14 @@ from pipelines.common import CONFIG_DIR
 
 FAST_STEPS = 150
 FAST_BAR = 0.6
+FAST_ITM_BAR = 0.8  # pairwise ITM accuracy against random wrong captions (chance 0.5)
 
 
-@pytest.fixture
-def two_threads():
+@pytest.fixture(scope="module")
+def fast_stage1():
+    """Stage 1 trained in-process from cached image features on the fast budget (shared by the CI tests)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
-
-
-def test_stage1_learns_retrieval_on_a_small_budget(two_threads):
     config = load_config(Stage1Config, CONFIG_DIR / "stage1_toy.yaml", [f"optim.max_steps={FAST_STEPS}",
                                                                         "optim.warmup_steps=20"])
     task = Stage1Task(config)
@@ -45,10 +43,27 @@ def test_stage1_learns_retrieval_on_a_small_budget(two_threads):
                        "txt": np.array([r.alt_text for r in records[s : s + size]], dtype=object)})
               for s in range(0, len(records) - size + 1, size)]
     model, history = train_locally(task, lambda epoch: [cached[i] for i in np.random.default_rng(epoch).permutation(len(cached))])
+    yield task, model, history
+    torch.set_num_threads(previous)
+
+
+def test_stage1_learns_retrieval_on_a_small_budget(fast_stage1):
+    task, model, history = fast_stage1
     assert history[-1]["itc_loss"] < history[0]["itc_loss"]
-    metrics = task.evaluate(model, generate_split(config.world, "test"))
+    metrics = task.evaluate(model, generate_split(task.config.world, "test"))
     assert metrics["num_candidates"] == 100
     assert metrics["t2i_r1_attribute_itc"] >= FAST_BAR, metrics
+    assert "novel" in metrics and "itm_pairwise_random" in metrics  # ITM and the novel split are reported
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known gap: ITM has not left the class prior on this budget (README, Training: "
+                          "what ITM does on the shipped budget)")
+def test_stage1_itm_tells_a_random_wrong_caption_from_the_right_one(fast_stage1):
+    """ITM, not a loss: held-out images, P(match) of the right caption above that of a random wrong one."""
+    task, model, _ = fast_stage1
+    metrics = evaluate_matching(model, task.tokenizer, generate_split(task.config.world, "test"), num_images=200)
+    assert metrics["itm_pairwise_random"] >= FAST_ITM_BAR, metrics
 
 
 @pytest.fixture(scope="module")
