@@ -1,9 +1,16 @@
-"""The README's benchmark figures equal the committed results page: CI fails when they drift apart."""
+"""The README's figures equal the committed result files (RESULTS.md, demo_run.json): CI fails when they drift apart."""
 
 import importlib.util
+import json
+import re
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+import pytest
+
+from pipelines.demo_record import run_record
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCHMARKS = ROOT / "benchmarks"
 
 
 def load():
@@ -25,3 +32,37 @@ def test_a_figure_that_differs_fails_the_check(tmp_path, monkeypatch, capsys):
     assert module.main(["--check"]) == 1
     assert "readme_results.py" in capsys.readouterr().err
     assert module.main([]) == 0 and module.main(["--check"]) == 0  # regenerating puts it right
+
+
+def test_the_readme_demo_block_is_the_committed_demo_record(tmp_path, monkeypatch, capsys):
+    module = load()
+    record = json.loads(module.DEMO_RUN.read_text())
+    assert module.demo_block(record) in module.README.read_text()
+    readme = tmp_path / "README.md"
+    readme.write_text(module.README.read_text().replace(record["lines"][2], record["lines"][2].replace("0.", "9.", 1)))
+    monkeypatch.setattr(module, "README", readme)
+    assert module.main(["--check"]) == 1 and "demo_run.json" in capsys.readouterr().err
+
+
+def test_a_demo_run_record_is_what_the_generator_reads_and_a_partial_run_is_refused(tmp_path, monkeypatch):
+    """blip2 demo's <out>/demo_run.json has the committed record's schema; --demo-run copies a full run."""
+    module = load()
+    lines = ["toy world              10 images", "wall time (s)          toyworld 1"]
+    monkeypatch.setattr(module, "DEMO_RUN", tmp_path / "demo_run.json")
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(run_record(lines, ["toyworld"], 61.4, 0.5)))
+    with pytest.raises(SystemExit, match="reused"):
+        module.record_demo_run(partial)
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps(run_record(lines, [], 61.4, 0.5)))
+    module.record_demo_run(full)
+    block = module.demo_block(json.loads(module.DEMO_RUN.read_text()))
+    assert "What `blip2 demo` printed" in block and "1 min 1 s wall" in block and lines[0] in block
+
+
+def test_the_backbone_build_time_is_the_shipped_report_s():
+    """One figure for the toy backbones' build, the one their report.json records, wherever it is quoted."""
+    report = json.loads((ROOT / "blip2" / "assets" / "toy_backbones" / "report.json").read_text())
+    seconds = f"{sum(report['train_seconds'].values()):.0f} s"
+    assert seconds in (ROOT / "docs" / "toy-world-and-backbones.md").read_text()
+    assert re.findall(r"(\d+) s of training", (ROOT / "README.md").read_text()) in ([], [seconds[:-2]])
