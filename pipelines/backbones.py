@@ -42,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quality = evaluate_backbones(backbones, config.build.eval_toyworld_seed)
         for line in summary_lines(quality):
             log(line)
+        log(f"backbones done: measured {backbones.root} on held-out data (nothing written)")
         return 0
     try:
         existing = find_backbones(config.out)
@@ -50,14 +51,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if existing is not None and existing.is_complete_toy_set() and existing.report()["config"] == json.loads(json.dumps(asdict(config.build))) \
             and not config.force:
         log(f"backbones: reusing {existing.root} (built with this config; force=true rebuilds)")
-        report = existing.report()
+        report, root, how = existing.report(), existing.root, "reused"
     else:
         start = time.perf_counter()
         backbones = build_backbones(config.build, config.out, log)
-        report = backbones.report()
-        log(f"backbones: built into {backbones.root} in {time.perf_counter() - start:.0f}s")
+        report, root = backbones.report(), backbones.root
+        how = f"built in {time.perf_counter() - start:.0f}s"
+        log(f"backbones: {how} into {backbones.root}")
     for line in summary_lines(report):
         log(line)
+    log(f"backbones done: {root} ({how}): vision/, qformer_tokenizer/, opt/, t5/, report.json")
     return 0
 
 

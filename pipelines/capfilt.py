@@ -132,7 +132,8 @@ def run(config: CapFiltConfig) -> dict | None:
     elapsed = time.perf_counter() - start
     remaining = [s.name for s in shards if s.name not in completed_shards(out)]
     if remaining:
-        log(f"{len(remaining)} shard(s) left; run the same command again to continue")
+        log(f"capfilt paused: {records} records this run into {out}; {len(remaining)} shard(s) left; run the same "
+            "command again to continue")
         return None
     report = build_report(out, [s.name for s in shards], config.filter.threshold,
                           {"this_run": {"records": records, "seconds": elapsed,
@@ -140,7 +141,9 @@ def run(config: CapFiltConfig) -> dict | None:
                            "config": to_dict(config)}, score=config.filter.score)
     for line in summary_lines(report):
         log(line)
-    log(f"outputs in {out}: kept/ filtered/ rejected/ scores/ report.json scores.png")
+    counts = report["counts"]
+    log(f"capfilt done: {counts['input']} records -> kept {counts['kept']}, filtered {counts['filtered']}, rejected "
+        f"{counts['rejected']}; outputs in {out}: kept/ filtered/ rejected/ scores/ report.json scores.png")
     return report
 
 

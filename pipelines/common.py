@@ -62,16 +62,22 @@ def log(message: str) -> None:
 
 
 def quiet_progress_bars() -> None:
-    """Off a terminal (``ray job logs``, CI, a redirected file), turn off Ray Data's progress bars and
-    transformers' weight-loading bars: they redraw many times a second and bury the job's own one-line
-    progress under megabytes of carriage returns. On a terminal they stay."""
-    if sys.stderr.isatty():
+    """Progress that reads well in a log. Off a terminal (``ray job logs``, CI, a redirected file) Ray Data
+    2.60 logs its progress as plain lines instead of drawing bars (each operator's rows done / total, once
+    every ``RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL`` seconds: 30 here unless set), and transformers'
+    weight-loading bars, which redraw many times a second, are turned off. Ray Data chooses by stdout; should
+    stdout be a terminal and stderr, where bars go, not, its bars are turned off too. On a terminal both
+    stay bars."""
+    if sys.stdout.isatty() and sys.stderr.isatty():
         return
     import ray.data
     from transformers.utils import logging as transformers_logging
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    transformers_logging.disable_progress_bar()
+    os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "30")  # read when Ray Data first logs
+    if sys.stdout.isatty():
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    if not sys.stderr.isatty():
+        transformers_logging.disable_progress_bar()
 
 
 def init_ray(address: str = "", num_cpus: int = 0, **options) -> bool:

@@ -394,8 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(config.out)
     record = run_record(results_lines(report)[2:], report["reused"], time.perf_counter() - start, load_before)
     (out / "demo_run.json").write_text(json.dumps(record, indent=2) + "\n")
-    log(f"report: {out / 'report.json'}, plots: {out / 'results.png'} and each job's own (curve.png, scores.png); "
-        f"this run's record: {out / 'demo_run.json'}")
+    reused = len(report["reused"])
+    log(f"demo done: {len(report['seconds'])} steps ({reused} reused) in {record['wall_seconds']} s; report: "
+        f"{out / 'report.json'}, plots: {out / 'results.png'} and each job's own (curve.png, scores.png); this run's "
+        f"record: {out / 'demo_run.json'}")
     return 0
 
 

@@ -238,7 +238,7 @@ def run(config: EvaluateConfig) -> dict:
     plot_metrics(metrics, out / "metrics.png", title=f"{config.task}: {Path(config.model).name}")
     headline = {k: v for k, v in metrics.items() if isinstance(v, float) and "/" not in k and not k.endswith("_itc")}
     log(f"[evaluate] {config.task} done in {seconds:.0f}s: " + ", ".join(f"{k} {v:.3f}" for k, v in headline.items())
-        + f" -> {out}/metrics.json")
+        + f" -> {out}/: metrics.json, predictions.jsonl, metrics.png")
     return report
 
 

@@ -37,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write("\n")
     else:
         log(format_table(rows, config))
+    where = "stdout (JSON)" if args.json else "the table above"
+    print(f"plan done: {len(rows)} job(s) on {config.workers}x {config.gpu} -> {where}; nothing written",
+          file=sys.stderr if args.json else sys.stdout, flush=True)
     return 0
 
 

@@ -321,8 +321,13 @@ def serve_is_running() -> bool:
     return bool(status.proxies or status.applications)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+class _Stopped(Exception):
+    """SIGTERM (`kill`, `ray job stop`, Kubernetes): stop as Ctrl-C does, in one line, without a traceback."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM during the clean-up is ignored
+    raise _Stopped
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -332,31 +337,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="start the app, call /healthz, /v1/models and /v1/caption once, remove the app, exit")
     config, args = parse_config(parser, ServeConfig, argv)
-    previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `ray job stop`: like Ctrl-C
     started_ray = init_ray(args.address or "")
+    # After ray.init, which sets its own SIGTERM handler (sys.exit) and lets the core worker's fatal-signal
+    # handler print "SIGTERM received" with stack frames: ours replaces both.
+    previous_handler = signal.signal(signal.SIGTERM, _stop)
+    start, outcome = time.perf_counter(), ""  # how it ended; empty: by an error (its traceback says it)
     owns_serve = not serve_is_running()  # a cluster's Serve may hold other apps: only ours is removed then
-    serve.start(http_options={"host": config.http.host, "port": config.http.port})
-    log(f"deploying {config.model.id} ({config.model.source}) as app {config.http.app_name!r} ...")
-    serve.run(application(config), name=config.http.app_name, route_prefix=config.http.route_prefix)
-    log(f"serving {config.model.id} at {base_url(config)}/ (a page to try it; POST /v1/caption, /v1/answer, /v1/match, /v1/embed, "
-        "/v1/chat/completions; GET /v1/models, /healthz)")
     try:
+        serve.start(http_options={"host": config.http.host, "port": config.http.port})
+        log(f"deploying {config.model.id} ({config.model.source}) as app {config.http.app_name!r} ...")
+        serve.run(application(config), name=config.http.app_name, route_prefix=config.http.route_prefix)
+        log(f"serving {config.model.id} at {base_url(config)}/ (a page to try it; POST /v1/caption, /v1/answer, "
+            "/v1/match, /v1/embed, /v1/chat/completions; GET /v1/models, /healthz)")
         if args.check:
             for name, answer in check(config).items():
                 log(f"{name}: {json.dumps(answer)}")
+            outcome = "checked /healthz, /v1/models and /v1/caption"
             return 0
         while True:  # serve until interrupted
             time.sleep(3600)
     except KeyboardInterrupt:
-        log("interrupted")
+        outcome = "stopped by Ctrl-C"
+        return 0
+    except _Stopped:
+        outcome = "stopped by SIGTERM"
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
         serve.delete(config.http.app_name)
         if owns_serve:
             serve.shutdown()
         if started_ray:
             ray.shutdown()
+        signal.signal(signal.SIGTERM, previous_handler)
+        if outcome:
+            log(f"done: served {config.model.id} ({config.model.source}) at {base_url(config)}/ for "
+                f"{time.perf_counter() - start:.0f} s; {outcome}; app {config.http.app_name!r} removed")
 
 
 if __name__ == "__main__":

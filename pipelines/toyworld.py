@@ -95,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.world.standard:
         log(f"  val/test/novel also in COCO captions, Karpathy, VQAv2 and GQA formats under {config.out}/standard "
             f"(blip2 evaluate reads them)")
+    log(f"toy world done: {sum(manifest['counts'].values())} images in {config.out}: webdataset/, parquet/, "
+        f"manifest.json" + (", standard/" if config.world.standard else ""))
     return 0
 
 

@@ -329,8 +329,8 @@ def finish(stage: str, config: TrainConfig, checkpoint, task: TrainingTask | Non
                                                         str(task.backbones.qformer_tokenizer), str(task.backbones.vision))
     (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"[{stage}] done: {json.dumps(report['headline'])}"
-        + (f"; input: {describe_input(input_report)}" if input_report is not None else ""))
-    log(f"[{stage}] wrote {output / 'report.json'}, {output / HISTORY}, {output / 'curve.png'}, {output / MODEL_DIR}")
+        + (f"; input: {describe_input(input_report)}" if input_report is not None else "")
+        + f"; wrote {output}/: report.json, {HISTORY}, curve.png, {MODEL_DIR}/")
     return output
 
 

@@ -67,6 +67,7 @@ def test_toyworld_writes_then_reuses(tmp_path, capsys):
     assert toyworld.main(["--out", str(out), "--size", "80"]) == 0
     first = capsys.readouterr().out
     assert "web        80 images" in first and "wrong: 28/80" in first
+    assert first.splitlines()[-1].startswith("toy world done: ")  # one summary line ends the job
     assert len(list((out / "webdataset" / "web").glob("*.tar"))) == 1
     assert toyworld.main(["--out", str(out), "--size", "80"]) == 0
     assert "reusing" in capsys.readouterr().out

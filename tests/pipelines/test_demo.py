@@ -66,6 +66,9 @@ def test_demo_runs_from_corpus_to_served_endpoint_and_reuses_its_steps(tmp_path,
     assert (out / "results.png").stat().st_size > 0
     assert "== results (held-out test split)" in printed and "clean + CapFilt web" in printed
     assert report["reused"] == []
+    record = json.loads((out / "demo_run.json").read_text())  # the run's record, the README's schema
+    assert record["lines"] == demo.results_lines(report)[2:] and record["reused"] == [] and record["wall_seconds"] > 0
+    assert "demo done: " in printed.splitlines()[-1]
     assert not serve_is_running()  # the demo started Serve, so it shut it down (a later app may want its own port)
 
     # Again with one budget changed: only instruction tuning (and the checks that always run) runs again.

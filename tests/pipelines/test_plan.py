@@ -24,6 +24,7 @@ def test_json_then_table_for_one_job(capsys):
     captured = capsys.readouterr()
     plan = json.loads(captured.out)
     assert "[1/1] serve blip2-opt-2.7b" in captured.err  # progress on stderr, JSON alone on stdout
+    assert captured.err.splitlines()[-1].startswith("plan done: 1 job(s) on 16x l4")  # the summary line, last
     (row,) = plan["rows"]
     assert row["gpu"] == "L4" and row["stage"] == "serve" and row["tflop_per_step"] > 0
     assert plan["config"]["gpu"] == "l4"

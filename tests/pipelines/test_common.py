@@ -1,0 +1,25 @@
+"""Progress in a log: off a terminal Ray Data keeps its progress, as plain lines every 30 s (Ray 2.60 logs
+instead of drawing bars when stdout is not a terminal), and transformers' redrawing bars are off."""
+
+import io
+
+import ray.data
+from transformers.utils import logging as transformers_logging
+
+from pipelines import common
+
+
+def test_off_a_terminal_ray_data_logs_its_progress_every_30_s_and_transformers_bars_are_off(monkeypatch):
+    monkeypatch.delenv("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", raising=False)
+    monkeypatch.setattr(common.sys, "stdout", io.StringIO())  # a log file: not a terminal
+    monkeypatch.setattr(common.sys, "stderr", io.StringIO())
+    context = ray.data.DataContext.get_current()
+    monkeypatch.setattr(context, "enable_progress_bars", True)
+    try:
+        common.quiet_progress_bars()
+        assert context.enable_progress_bars  # Ray Data's own non-terminal progress: lines, not bars
+        assert common.os.environ["RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL"] == "30"
+        assert not transformers_logging.is_progress_bar_enabled()
+    finally:
+        transformers_logging.enable_progress_bar()
+        common.os.environ.pop("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", None)
