@@ -131,6 +131,7 @@ class Stage1Objective(nn.Module):
                  itm_random_negatives: float = 0.0, diagnostics: bool = False) -> None:
         super().__init__()
         self.diagnostics = diagnostics  # fill Stage1Output.diagnostics (one small extra ITM pass per step)
+        self._diagnostic_generator: torch.Generator | None = None  # see _diagnose
         self.rank, self.world_size, self.gather = rank, world_size, gather
         self.itm_weight, self.itm_random_negatives = itm_weight, itm_random_negatives
         self.itc = ItcLoss(rank, world_size, label_smoothing, gather=gather)
@@ -180,8 +181,14 @@ class Stage1Objective(nn.Module):
                   negative_text, negative_image, attributes, generator) -> dict[str, torch.Tensor]:
         """:func:`itm_diagnostics`, with an extra no-gradient ITM pass of every local image against a
         uniformly drawn non-positive text of the global batch (the random-negative accuracy)."""
+        # Draws of its own: the training generator must not advance here, or turning the diagnostics on
+        # would change which hard negatives training samples (and so the trained model) for a given seed.
+        if self._diagnostic_generator is None:
+            seed = generator.initial_seed() + 1 if generator is not None else torch.initial_seed() + 1
+            self._diagnostic_generator = torch.Generator(device=positive_mask.device).manual_seed(seed)
         flat = torch.zeros(positive_mask.shape, device=positive_mask.device)  # uniform over non-positives
-        random_text, _ = sample_hard_negatives(flat, flat, positive_mask, self.rank, generator, random_fraction=1.0)
+        random_text, _ = sample_hard_negatives(flat, flat, positive_mask, self.rank, self._diagnostic_generator,
+                                               random_fraction=1.0)
         random_logits = model.itm_logits(image_embeds, input_ids_all[random_text], attention_mask_all[random_text])
         attributes_all = (self.gather(attributes, self.rank, self.world_size, False)
                           if attributes is not None else None)

@@ -65,6 +65,19 @@ def test_itm_weight_and_diagnostics(backbones, tokenizer):
     assert not Stage1Objective()(model, pixels, input_ids, attention_mask, ids).diagnostics
 
 
+def test_diagnostics_do_not_change_what_training_samples(backbones, tokenizer):
+    """The diagnostics' extra ITM pass draws its random negatives from a generator of its own: with them
+    on or off, the same seed samples the same hard negatives, so the losses (and the trained model) agree."""
+    pixels, input_ids, attention_mask, ids = toy_batch(tokenizer, n=16, seed=1)
+    losses = {}
+    for diagnostics in (False, True):
+        model = tiny_model(backbones).eval()
+        objective, generator = Stage1Objective(diagnostics=diagnostics), torch.Generator().manual_seed(0)
+        losses[diagnostics] = [objective(model, pixels, input_ids, attention_mask, ids, generator).itm_loss.item()
+                               for _ in range(3)]
+    assert losses[True] == losses[False]
+
+
 def test_a_few_steps_reduce_every_loss(backbones, tokenizer):
     model = tiny_model(backbones).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
