@@ -32,7 +32,7 @@ demo: setup
 	$(BIN)/blip2 demo
 
 test: setup browser
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" --durations=10
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow
