@@ -14,10 +14,7 @@ def plot_curves(history: Sequence[dict], keys: Sequence[str], out: str | Path, t
 
     ``panels`` adds one plot per entry, beside the losses: its title and the history keys it draws (keys
     that no history entry has are skipped, so older histories still plot)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on training machines
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     panels = {name: [k for k in panel_keys if any(k in h for h in history)]
               for name, panel_keys in (panels or {}).items()}
@@ -26,11 +23,7 @@ def plot_curves(history: Sequence[dict], keys: Sequence[str], out: str | Path, t
     _plot_keys(axes[0][0], history, keys, smooth, "loss", title)
     for axis, (name, panel_keys) in zip(axes[0][1:], panels.items()):
         _plot_keys(axis, history, panel_keys, smooth, "", name)
-    figure.tight_layout()
-    out = Path(out)
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
-    return out
+    return _save(plt, figure, out)
 
 
 def _plot_keys(axis, history: Sequence[dict], keys: Sequence[str], smooth: int, ylabel: str, title: str) -> None:
@@ -57,10 +50,7 @@ def plot_workflow(curves: Mapping[str, Sequence[dict]], retrieval: Mapping[str, 
     """The end-to-end run on one page: every training run's loss against its steps, stage-1 retrieval
     per training set (bars per metric), instruction accuracy per task family (held-out families hatched)
     and the wall time of every step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     figure, ((losses, recall), (families, times)) = plt.subplots(2, 2, figsize=(12, 8))
     for name, history in curves.items():
@@ -92,19 +82,12 @@ def plot_workflow(curves: Mapping[str, Sequence[dict]], retrieval: Mapping[str, 
     times.invert_yaxis()
     times.set(xlabel="seconds", title=f"wall time per step (total {sum(seconds.values()):.0f} s)")
     times.tick_params(axis="y", labelsize=8)
-    figure.tight_layout()
-    out = Path(out)
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
-    return out
+    return _save(plt, figure, out)
 
 
 def plot_metrics(metrics: Mapping[str, object], out: str | Path, title: str = "") -> Path:
     """An evaluation's numbers as horizontal bars (counts and non-numbers left out)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     values = {k: float(v) for k, v in metrics.items()
               if isinstance(v, float) and not k.startswith(("num_", "unreadable"))}
@@ -113,6 +96,21 @@ def plot_metrics(metrics: Mapping[str, object], out: str | Path, title: str = ""
     axis.invert_yaxis()
     axis.set(title=title, xlabel="score")
     axis.tick_params(axis="y", labelsize=8)
+    return _save(plt, figure, out)
+
+
+def _pyplot():
+    """matplotlib's pyplot on the headless Agg backend (no display on training machines or servers),
+    imported only when a plot is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, figure, out: str | Path) -> Path:
     figure.tight_layout()
     out = Path(out)
     figure.savefig(out, dpi=100)
