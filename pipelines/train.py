@@ -23,6 +23,7 @@ layout: ``Blip2ForImageTextRetrieval``, ``Blip2ForConditionalGeneration`` or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -45,7 +46,8 @@ from blip2.toyworld.corpus import generate_split
 from blip2.training.config import TrainConfig
 from blip2.training.data import skip_counts, training_records
 from blip2.training.features import FrozenImageEncoder
-from blip2.training.loop import StepRunner
+from blip2.training.goodput import describe_goodput, time_split
+from blip2.training.loop import LoopClock, StepRunner
 from blip2.training.state import TRAINABLE, TrainingProgress, load_training_state, save_training_state
 from blip2.training.tasks import MODEL_DIR, TASKS, TrainingTask
 from pipelines.common import init_ray, job_parser, log, parse_config, quiet_progress_bars
@@ -89,18 +91,23 @@ def train_loop(payload: dict) -> None:
     shard = ray.train.get_dataset_shard("train")  # Ray Data
     samples_per_step = config.optim.batch_size * config.optim.grad_accum_steps * world_size
     step_module.train()
+    clock = LoopClock()
     start = time.perf_counter()
     while progress.step < config.optim.max_steps:
-        batches = shard.iter_batches(batch_size=config.optim.batch_size, batch_format="numpy", drop_last=True,
-                                     local_shuffle_buffer_size=config.shuffle_buffer or None,
-                                     local_shuffle_seed=(config.seed * 1009 + rank) * 1009 + progress.epoch)
-        seen = 0
-        for index, batch in enumerate(batches):
+        batches = iter(shard.iter_batches(batch_size=config.optim.batch_size, batch_format="numpy", drop_last=True,
+                                          local_shuffle_buffer_size=config.shuffle_buffer or None,
+                                          local_shuffle_seed=(config.seed * 1009 + rank) * 1009 + progress.epoch))
+        seen, micro_batches = 0, []
+        for index, batch in enumerate(clock.timed("data_wait", batches)):
             seen += 1
             if index < progress.batch_in_epoch:  # the resumed epoch: skip what was already trained on
                 continue
             rng = np.random.default_rng([config.seed, rank, progress.epoch, index])  # caption / task draws
-            totals = runner.micro_step({k: v.to(device) for k, v in task.make_batch(batch, rng).items()})
+            with clock("batch_prep"):  # decoding, tokenising, to the device: on the step's critical path
+                inputs = {k: v.to(device) for k, v in task.make_batch(batch, rng).items()}
+            with clock("step_compute"):
+                totals = runner.micro_step(inputs)
+            micro_batches.append(inputs)
             progress.batch_in_epoch = index + 1
             if totals is None:  # accumulating
                 continue
@@ -113,10 +120,28 @@ def train_loop(payload: dict) -> None:
                     + f" lr {runner.learning_rate:.2e} ({elapsed:.0f}s, "
                     + f"{samples_per_step * (progress.step - started_at) / max(elapsed, 1e-9):.0f} samples/s)")
             done = progress.step >= config.optim.max_steps
-            if progress.step % config.checkpoint_every == 0 or done:
-                _report(rank, trainable, optimizer, scheduler, progress, history, totals)
             if done:
+                close = getattr(batches, "close", None)
+                if close is not None:  # stop Ray Data's prefetching: the step is then timed alone
+                    close()
+
+                def probe() -> dict:  # the loop's time split, and the job's own step timed once it is saved
+                    clock.seconds["loop"] = time.perf_counter() - start
+                    timing = {**clock.report(), "samples": samples_per_step * (progress.step - started_at)}
+                    steps = min(config.goodput_probe_steps, max(1, config.optim.max_steps // 10))
+                    if steps == 0:
+                        return timing
+                    probe_start = time.perf_counter()
+                    seconds = runner.time_own_step(micro_batches, steps)
+                    return {**timing, "step_samples_per_s": samples_per_step / seconds, "probe_steps": steps,
+                            "probe": time.perf_counter() - probe_start}
+
+                _report(rank, trainable, optimizer, scheduler, progress, history, totals, clock=clock, extra=probe)
                 return
+            if progress.step % config.checkpoint_every == 0:
+                with clock("checkpointing"):
+                    _report(rank, trainable, optimizer, scheduler, progress, history, totals)
+            micro_batches = []
         if seen == 0:  # drop_last and fewer records than a batch: looping on would hang, not train
             raise RuntimeError(f"worker {rank}: epoch {progress.epoch} of the training data gave no full batch "
                                f"of optim.batch_size={config.optim.batch_size} records; add data or lower it")
@@ -124,15 +149,20 @@ def train_loop(payload: dict) -> None:
         progress.batch_in_epoch = 0
 
 
-def _report(rank, model, optimizer, scheduler, progress, history, metrics) -> None:
-    """Every worker reports (it is a barrier); rank 0 attaches the checkpoint."""
+def _report(rank, model, optimizer, scheduler, progress, history, metrics, clock=None, extra=None) -> None:
+    """Every worker reports (it is a barrier); rank 0 attaches the checkpoint, its writing timed by
+    ``clock``. ``extra()`` runs on every worker after the checkpoint is written and before it is reported;
+    its dict joins the metrics as ``timing/<key>`` (the last report: the loop's time split and the
+    goodput probe)."""
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if rank == 0:
-            save_training_state(directory, model, optimizer, scheduler, progress)
-            (Path(directory) / HISTORY).write_text(json.dumps(history))
+            with clock("checkpointing") if clock is not None else contextlib.nullcontext():
+                save_training_state(directory, model, optimizer, scheduler, progress)
+                (Path(directory) / HISTORY).write_text(json.dumps(history))
             checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report({**metrics, "step": progress.step}, checkpoint=checkpoint)  # Ray
+        timing = {f"timing/{k}": v for k, v in extra().items()} if extra is not None else {}
+        ray.train.report({**metrics, **timing, "step": progress.step}, checkpoint=checkpoint)  # Ray
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -258,14 +288,20 @@ def absolute_paths(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, **changes)
 
 
-def fit(stage: str, config: TrainConfig, task: TrainingTask | None = None) -> Path:
-    """Train on Ray Train, then evaluate and export on the driver. Returns the output directory."""
+def fit(stage: str, config: TrainConfig, task: TrainingTask | None = None, started: float | None = None) -> Path:
+    """Train on Ray Train, then evaluate and export on the driver. Returns the output directory.
+    ``started``: when the job started (``time.time()``; default now), for the report's time split."""
+    clock = {"started": time.time() if started is None else started, "feature_cache": 0.0}
     config = absolute_paths(config)
     check_eval_sets(stage, config)
     task = task or TASKS[stage][1](config)
+    phase = time.perf_counter()
     data, input_report = training_data(config)
+    clock["input_check"] = time.perf_counter() - phase
     if config.feature_cache:
+        phase = time.perf_counter()
         data = feature_cache(config, task, data)
+        clock["feature_cache"] = time.perf_counter() - phase
     if config.shuffle_buffer:  # sources come one after the other: mix their blocks, then shuffle locally
         data = data.randomize_block_order(seed=config.seed)  # Ray Data
     scaling = config.scaling
@@ -285,13 +321,17 @@ def fit(stage: str, config: TrainConfig, task: TrainingTask | None = None) -> Pa
     log(f"[{stage}] training {config.name}: {scaling.num_workers} worker(s), {config.optim.max_steps} steps of "
         f"{config.optim.batch_size * config.optim.grad_accum_steps * scaling.num_workers} samples")
     result = trainer.fit()
-    return finish(stage, config, result.checkpoint, task, input_report)
+    clock["fit_returned"] = time.time()
+    worker = {k.removeprefix("timing/"): v for k, v in (result.metrics or {}).items() if k.startswith("timing/")}
+    return finish(stage, config, result.checkpoint, task, input_report, (clock, worker) if worker else None)
 
 
 def finish(stage: str, config: TrainConfig, checkpoint, task: TrainingTask | None = None,
-           input_report: dict | None = None) -> Path:
+           input_report: dict | None = None, timing: tuple[dict, dict] | None = None) -> Path:
     """Load the final checkpoint, evaluate it on held-out data, write the report, curve and export.
-    ``input_report`` (from :func:`training_data`) is the input's accounting: records kept and skipped."""
+    ``input_report`` (from :func:`training_data`) is the input's accounting: records kept and skipped.
+    ``timing``: the driver's and rank 0's clocks (from :func:`fit`), for the report's time split."""
+    export_start = time.perf_counter()
     task = task or TASKS[stage][1](config)
     output = config.output
     output.mkdir(parents=True, exist_ok=True)
@@ -301,15 +341,18 @@ def finish(stage: str, config: TrainConfig, checkpoint, task: TrainingTask | Non
         history = json.loads((Path(directory) / HISTORY).read_text())
     model.eval()
     start = time.perf_counter()
+    export_seconds = start - export_start
     metrics: dict = {}
     if config.eval_split:  # empty: no toy-world evaluation (a real run names its sets under eval)
         log(f"[{stage}] evaluating on the held-out {config.eval_split!r} split")
         metrics = task.evaluate(model, generate_split(config.world, config.eval_split))
     eval_seconds = time.perf_counter() - start
+    start = time.perf_counter()
     task.export(model, output / MODEL_DIR)
     (output / HISTORY).write_text(json.dumps(history))
     plot_curves(history, list(task.loss_names), output / "curve.png", title=config.name,
                 panels=task.curve_panels)
+    export_seconds += time.perf_counter() - start
     this_run = [h for h in history if h["started_at"] == history[-1]["started_at"]]
     steps_timed = this_run[-1]["step"] - this_run[0]["step"]
     seconds = this_run[-1]["time"] - this_run[0]["time"]
@@ -325,16 +368,24 @@ def finish(stage: str, config: TrainConfig, checkpoint, task: TrainingTask | Non
         report["input"] = input_report
     if config.eval:  # the standard sets the config names, scored on the export by blip2 evaluate's code
         log(f"[{stage}] scoring {', '.join(s.name for s in config.eval)} (blip2 evaluate)")
+        start = time.perf_counter()
         report["benchmarks"] = evaluate_training_output(config, output / MODEL_DIR,
                                                         str(task.backbones.qformer_tokenizer), str(task.backbones.vision))
+        eval_seconds += time.perf_counter() - start
+    if timing is not None:  # where the wall time went, and the loop's samples/s over its own step's
+        driver, worker = timing
+        report["time_split"] = time_split({**driver, "evaluation": eval_seconds, "export": export_seconds,
+                                           "finished": time.time()}, worker)
     (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"[{stage}] done: {json.dumps(report['headline'])}"
         + (f"; input: {describe_input(input_report)}" if input_report is not None else "")
+        + (f"; {describe_goodput(report['time_split'])}" if "time_split" in report else "")
         + f"; wrote {output}/: report.json, {HISTORY}, curve.png, {MODEL_DIR}/")
     return output
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    started = time.time()  # the report's time split counts Ray's start-up as the job's
     argv = list(sys.argv[1:] if argv is None else argv)
     chooser = argparse.ArgumentParser(prog="blip2 train", description=__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -361,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     init_ray()  # RAY_ADDRESS (ray job submit) selects a cluster; otherwise a fresh local instance
     try:
-        fit(stage, config, task)
+        fit(stage, config, task, started)
     except NotEnoughData as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     return 0

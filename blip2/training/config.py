@@ -121,10 +121,15 @@ class TrainConfig:
     max_failures: int = 2
     log_every: int = 25
     seed: int = 0
+    # after the last checkpoint is saved, time this many more steps of the job's own step on its last batch
+    # (at most a tenth of max_steps, at least 1): report.json's goodput is the job's samples/s over it
+    goodput_probe_steps: int = 10
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("checkpoint_every and log_every must be >= 1")
+        if self.goodput_probe_steps < 0:
+            raise ValueError("goodput_probe_steps must be >= 0")
         if self.shuffle_buffer < 0:
             raise ValueError("shuffle_buffer must be >= 0")
 

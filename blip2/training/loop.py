@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -68,6 +68,49 @@ class StepRunner:
     @property
     def learning_rate(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def time_own_step(self, micro_batches: list[Mapping[str, torch.Tensor]], steps: int) -> float:
+        """Seconds per optimiser step of this very step (same model, optimiser, micro-batches already on
+        the device), run ``steps`` times with nothing else in the way: the job's own step, timed in its
+        own process. It trains on: call it only once the weights that count are saved."""
+        start = time.perf_counter()
+        for _ in range(steps):
+            for inputs in micro_batches:
+                self.micro_step(inputs)
+        return (time.perf_counter() - start) / steps
+
+
+class LoopClock:
+    """Where a worker's training-loop time goes: seconds per phase (``data_wait``, ``batch_prep``,
+    ``step_compute``, ``checkpointing``), and the wall clock (``time.time()``) of the first batch request
+    so the driver can tell its start-up from the loop."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {"data_wait": 0.0, "batch_prep": 0.0, "step_compute": 0.0,
+                                          "checkpointing": 0.0}
+        self.loop_started = time.time()
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def timed(self, phase: str, iterable: Iterable[Any]) -> Iterator[Any]:
+        """``iterable``'s items, the time spent waiting for each added to ``phase``."""
+        iterator = iter(iterable)
+        while True:
+            with self(phase):
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    return
+            yield item
+
+    def report(self) -> dict[str, float]:
+        return {**{k: round(v, 3) for k, v in self.seconds.items()}, "loop_started": self.loop_started}
 
 
 def train_locally(task: Any, batches: Callable[[int], Iterable[Mapping[str, Any]]], device: str = "cpu",

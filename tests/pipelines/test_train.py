@@ -25,7 +25,7 @@ def small(tmp_path, **extra):
     return args + [f"{k}={v}" for k, v in extra.items()]
 
 
-def test_stage1_trains_checkpoints_and_resumes(tmp_path, ray_local):
+def test_stage1_trains_checkpoints_and_resumes(tmp_path, ray_local, capsys):
     assert train.main(["stage1", *small(tmp_path, **{"optim.max_steps": 5})]) == 0
     out = tmp_path / "runs" / "stage1-toy"
     report = json.loads((out / "report.json").read_text())
@@ -33,6 +33,13 @@ def test_stage1_trains_checkpoints_and_resumes(tmp_path, ray_local):
     assert {"t2i_r1_attribute", "t2i_r1_strict"} <= set(report["eval"])
     assert (out / "curve.png").stat().st_size > 0
     assert (out / "model" / "model.safetensors").exists()
+    split = report["time_split"]  # where the wall time went, and the loop's samples/s over its own step's
+    seconds = split["seconds"]
+    assert seconds["step_compute"] > 0 and seconds["startup"] > 0 and seconds["export"] > 0
+    assert sum(v for k, v in seconds.items() if k != "wall") == pytest.approx(seconds["wall"], rel=0.05)
+    goodput = split["goodput"]
+    assert goodput["probe_steps"] == 1 and goodput["step_samples_per_s"] > 0 and 0 < goodput["ratio"]
+    assert "goodput " in capsys.readouterr().out
 
     # the same name again with a longer budget: resumes from the last checkpoint, step counter continuous
     assert train.main(["stage1", *small(tmp_path, **{"optim.max_steps": 8})]) == 0
