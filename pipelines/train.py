@@ -43,15 +43,18 @@ from blip2.config import ConfigError, from_dict, to_dict
 from blip2.models.export import load_trainable
 from blip2.reporting import plot_curves
 from blip2.toyworld.corpus import generate_split
-from blip2.training.config import TrainConfig
+from blip2.datasets.errors import DatasetError
+from blip2.training.config import InstructConfig, TrainConfig
 from blip2.training.data import skip_counts, training_records
 from blip2.training.features import FrozenImageEncoder
 from blip2.training.goodput import describe_goodput, time_split
 from blip2.training.loop import LoopClock, StepRunner
+from blip2.training.mixture import check_source_files
 from blip2.training.state import TRAINABLE, TrainingProgress, load_training_state, save_training_state
 from blip2.training.tasks import MODEL_DIR, TASKS, TrainingTask
 from pipelines.common import init_ray, job_parser, log, parse_config, quiet_progress_bars
 from pipelines.evaluate import check_eval_sets, evaluate_training_output
+from pipelines.instruct_data import evaluate_held_out, mixture_data
 from pipelines.toyworld import ToyWorldJobConfig, ensure_toyworld
 
 HISTORY = "history.json"  # loss curve, kept in every checkpoint so a resumed run continues it
@@ -212,9 +215,28 @@ def describe_input(report: dict) -> str:
 
 
 def training_data(config: TrainConfig) -> tuple[ray.data.Dataset, dict]:
-    """The training records of every source as one Ray Data dataset (lazy; streamed into the workers),
-    and the input's accounting: each source's records, kept and skipped by reason, and their totals.
+    """The training records as one Ray Data dataset (lazy; streamed into the workers), and the input's
+    accounting: each source's records, kept and skipped by reason, and their totals. Instruction tuning
+    reads its mixture (the toy world's records among its sources, :func:`pipelines.instruct_data.mixture_data`).
     Raises :class:`NotEnoughData` when the kept records cannot fill one batch on every worker."""
+    if isinstance(config, InstructConfig):
+        data, totals = mixture_data(config, records_data)
+        _check_one_batch(config, totals, [s.name for s in config.mixture_sources() if not s.held_out])
+        return data, totals
+    return records_data(config)
+
+
+def _check_one_batch(config: TrainConfig, totals: dict, sources: list) -> None:
+    workers, batch_size = config.scaling.num_workers, config.optim.batch_size
+    if totals["kept"] // workers < batch_size:
+        raise NotEnoughData(
+            f"train_data {', '.join(map(str, sources))}: {describe_input(totals)}; that is fewer than one batch "
+            f"of optim.batch_size={batch_size} on each of scaling.num_workers={workers} worker(s), so an "
+            f"epoch would give no full batch. Add data or lower optim.batch_size.")
+
+
+def records_data(config: TrainConfig, check_batch: bool = True) -> tuple[ray.data.Dataset, dict]:
+    """The captioned records of ``train_data`` (or the toy world's ``train_split``), as :func:`training_data`."""
     if config.train_data:
         sources = [Path(s) for s in config.train_data]
     else:
@@ -229,12 +251,8 @@ def training_data(config: TrainConfig) -> tuple[ray.data.Dataset, dict]:
     totals = {"records": sum(r["records"] for r in per_source), "kept": sum(r["kept"] for r in per_source),
               "skipped": dict(sorted(skipped.items())), "sources": per_source}
     log(f"input: {describe_input(totals)} from {', '.join(map(str, sources))}")
-    workers, batch_size = config.scaling.num_workers, config.optim.batch_size
-    if totals["kept"] // workers < batch_size:
-        raise NotEnoughData(
-            f"train_data {', '.join(map(str, sources))}: {describe_input(totals)}; that is fewer than one batch "
-            f"of optim.batch_size={batch_size} on each of scaling.num_workers={workers} worker(s), so an "
-            f"epoch would give no full batch. Add data or lower optim.batch_size.")
+    if check_batch:
+        _check_one_batch(config, totals, sources)
     # a web corpus has records without a usable image or alt-text; nothing can be trained on them
     datasets = [data.map_batches(training_records, batch_format="numpy", udf_modifying_row_count=True)
                 for data in raw]
@@ -282,6 +300,10 @@ def absolute_paths(config: TrainConfig) -> TrainConfig:
     changes["eval"] = tuple(dataclasses.replace(s, **{f: str(Path(getattr(s, f)).resolve()) for f in
                                                     ("annotations", "questions", "images") if getattr(s, f)})
                             for s in config.eval)
+    if getattr(config, "sources", ()):
+        changes["sources"] = tuple(dataclasses.replace(s, **{f: str(Path(getattr(s, f)).resolve()) for f in
+                                                             ("annotations", "questions", "images") if getattr(s, f)})
+                                   for s in config.sources)
     model = getattr(config, "model", None)
     if model is not None and getattr(model, "bert_path", ""):
         changes["model"] = dataclasses.replace(model, bert_path=str(Path(model.bert_path).resolve()))
@@ -366,6 +388,11 @@ def finish(stage: str, config: TrainConfig, checkpoint, task: TrainingTask | Non
     }
     if input_report is not None:
         report["input"] = input_report
+    if isinstance(config, InstructConfig):  # the mixture's sources: held in (as trained), held out (scored)
+        start = time.perf_counter()
+        report["sources"] = {"held_in": (input_report or {}).get("mixture", {}),
+                             "held_out": evaluate_held_out(config, output / MODEL_DIR)}
+        eval_seconds += time.perf_counter() - start
     if config.eval:  # the standard sets the config names, scored on the export by blip2 evaluate's code
         log(f"[{stage}] scoring {', '.join(s.name for s in config.eval)} (blip2 evaluate)")
         start = time.perf_counter()
@@ -405,10 +432,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise FileNotFoundError(f"train_data {source} does not exist (WebDataset tars or Parquet: "
                                         f"`blip2 toyworld` or `blip2 capfilt` write them)")
         task = task_cls(config)
+        if isinstance(config, InstructConfig):
+            check_source_files(config.mixture_sources())  # a missing or malformed file, before Ray starts
         if config.feature_cache and task.stage != "stage1":
             raise ConfigError(f"feature_cache: only stage1 trains from cached image features so far "
                               f"({stage} feeds pixels to transformers' model)")
-    except (FileNotFoundError, ConfigError) as error:
+    except (FileNotFoundError, ConfigError, DatasetError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     init_ray()  # RAY_ADDRESS (ray job submit) selects a cluster; otherwise a fresh local instance
     try:

@@ -232,10 +232,94 @@ class TaskSizes:
         return tuple(task for task, size in self.as_dict().items() if size == 0)
 
 
+# Each source format, the task types its examples can be, the first being the default.
+SOURCE_FORMATS: dict[str, tuple[str, ...]] = {
+    "coco_captions": ("captioning",), "karpathy": ("captioning",), "nocaps": ("captioning",),
+    "vqav2": ("vqa",), "okvqa": ("vqa",), "gqa": ("vqa",), "aokvqa": ("multiple_choice", "vqa"),
+    "llava": ("conversation",), "toyworld": ("toy",),
+}
+# The evaluation task (blip2 evaluate's) that scores a held-out source of each format zero-shot.
+HELD_OUT_TASKS_BY_FORMAT: dict[str, str] = {"coco_captions": "coco_captions", "karpathy": "coco_captions",
+                                            "nocaps": "nocaps", "vqav2": "vqav2", "okvqa": "okvqa", "gqa": "gqa"}
+
+
+@dataclass(frozen=True)
+class InstructionSource:
+    """One dataset of the instruction-tuning mixture, in its published format (``blip2/training/mixture.py``).
+
+    ``format``: ``coco_captions`` (COCO captions JSON), ``karpathy`` (LAVIS's Karpathy JSON), ``nocaps``,
+    ``vqav2`` / ``okvqa`` (questions + annotations JSON), ``gqa`` (balanced questions JSON), ``aokvqa``,
+    ``llava`` (LLaVA-Instruct conversations), or ``toyworld``: the job's toy world split (``train_split``)
+    or ``train_data`` records, whose instruction families (``tasks``) are its templates. A held-in source
+    is sampled with probability proportional to ``weight`` if set, else to the square root of its size
+    (``size`` if set, else its number of examples). A held-out source is never trained on: it is
+    evaluated zero-shot after training with its format's metric.
+    """
+
+    name: str
+    format: str
+    task: str = ""  # captioning, vqa, multiple_choice, conversation; empty: the format's default
+    annotations: str = ""  # captions / annotations / A-OKVQA / LLaVA JSON
+    questions: str = ""  # VQA or GQA questions JSON
+    images: str = ""  # the image directory the files name their images relative to
+    held_out: bool = False
+    size: int = 0  # what the mixture weighs the source by; 0: its number of examples
+    weight: float = 0.0  # > 0: its sampling weight instead of sqrt(size)
+    limit: int = 0  # held out: score the first N images / questions only (0: all)
+    generation: GenerationParams = field(default_factory=GenerationParams)  # held out: how answers are decoded
+
+    def __post_init__(self) -> None:
+        if self.format not in SOURCE_FORMATS:
+            raise ValueError(f"source {self.name!r}: format must be one of {', '.join(SOURCE_FORMATS)}, got {self.format!r}")
+        if self.task and self.task not in SOURCE_FORMATS[self.format]:
+            raise ValueError(f"source {self.name!r}: a {self.format} source can be {' or '.join(SOURCE_FORMATS[self.format])}"
+                             f", not {self.task!r}")
+        if self.size < 0 or self.weight < 0 or self.limit < 0:
+            raise ValueError(f"source {self.name!r}: size, weight and limit must be >= 0")
+        if self.format != "toyworld" and not self.images:
+            raise ValueError(f"source {self.name!r}: set images= to the directory holding its images")
+        if self.held_out and self.format not in HELD_OUT_TASKS_BY_FORMAT:
+            raise ValueError(f"source {self.name!r}: a held-out source is scored zero-shot by blip2 evaluate, which has "
+                             f"no {self.format} task (held-out formats: {', '.join(HELD_OUT_TASKS_BY_FORMAT)}); "
+                             f"hold it in, or hold out a toy family with tasks.<family>=0")
+
+    @property
+    def task_type(self) -> str:
+        return self.task or SOURCE_FORMATS[self.format][0]
+
+    def files(self) -> tuple[str, ...]:
+        return tuple(str(Path(f).resolve()) for f in (self.annotations, self.questions) if f)
+
+
+TOY_SOURCE = InstructionSource(name="toyworld", format="toyworld")
+
+
+def check_sources(sources: tuple[InstructionSource, ...], eval_split: str) -> None:
+    """Start-up checks of a mixture: names unique, one toy world at most, something held in, and no
+    held-out file trained on (a held-out set must stay unseen, as InstructBLIP holds out whole datasets)."""
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"sources: names must be distinct, got {names}")
+    if sum(s.format == "toyworld" for s in sources) > 1:
+        raise ValueError("sources: one toyworld source at most (its families are weighed by tasks.*)")
+    if not any(not s.held_out for s in sources):
+        raise ValueError("sources: every source is held out; nothing would be trained on")
+    trained = {f: s.name for s in sources if not s.held_out for f in s.files()}
+    for source in (s for s in sources if s.held_out):
+        for file in source.files():
+            if file in trained:
+                raise ValueError(f"source {source.name!r} is held out, but its file {file} is also trained on by "
+                                 f"source {trained[file]!r}: a held-out set must never be trained on")
+    if eval_split and not any(s.format == "toyworld" and not s.held_out for s in sources):
+        raise ValueError(f"eval_split={eval_split!r} scores the toy world's instruction families, but no toyworld "
+                         f"source is trained on: set eval_split: \"\" (the held-out sources are scored instead)")
+
+
 @dataclass(frozen=True)
 class InstructConfig(TrainConfig):
     """Instruction tuning (InstructBLIP) from a stage-2 checkpoint: the instruction enters the Q-Former
-    (whose text weights come from stage 1) and the LLM."""
+    (whose text weights come from stage 1) and the LLM. It tunes on a mixture of ``sources`` (default:
+    the toy world alone) and scores the held-out ones zero-shot."""
 
     name: str = "instruct-toy-opt"
     stage2: str = "runs/train/stage2-toy-opt"  # a stage-2 job's output directory (its model/), or a model/ itself
@@ -246,3 +330,14 @@ class InstructConfig(TrainConfig):
     max_target_length: int = 32
     eval_examples_per_task: int = 100  # held-out images asked one question of each family
     eval_batch_size: int = 50
+    sources: tuple[InstructionSource, ...] = ()  # the mixture; empty: the toy world alone (TOY_SOURCE)
+    mixture_epoch: int = 0  # examples per pass over the mixture; 0: see blip2.training.mixture.epoch_counts
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mixture_epoch < 0:
+            raise ValueError("mixture_epoch must be >= 0")
+        check_sources(self.mixture_sources(), self.eval_split)
+
+    def mixture_sources(self) -> tuple[InstructionSource, ...]:
+        return self.sources or (TOY_SOURCE,)

@@ -114,6 +114,12 @@ def _candidates(batch: Mapping[str, Any]) -> list[list[str]]:
     return [_texts(v) for v in _column(batch, TEXT_COLUMNS, "caption")]
 
 
+def json_captions(batch: Mapping[str, Any]) -> list[list[str]]:
+    """Every record's candidate captions from the ``captions_json`` column (empty for a mixture's file
+    examples, which carry an ``example_json`` instead)."""
+    return [_texts(json.loads(v)) for v in batch[CAPTIONS_JSON]]
+
+
 def caption_choices(batch: Mapping[str, Any]) -> list[list[str]]:
     """Every record's candidate captions: CapFilt's kept list, or the one alt-text. Records without any
     are removed before training (:func:`training_records`); here they are an error."""

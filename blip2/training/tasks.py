@@ -52,11 +52,14 @@ from blip2.training.config import InstructConfig, Stage1Config, Stage2Config, Tr
 from blip2.training.data import (
     batch_images,
     caption_choices,
+    json_captions,
     sample_captions,
     stage1_text_inputs,
     stated_attributes,
     task_mixture,
 )
+from blip2.training.mixture import EXAMPLE_JSON
+from blip2.training.templates import format_example, load_templates
 
 MODEL_DIR = "model"  # a job's export, inside its output directory
 
@@ -312,7 +315,8 @@ class InstructTask(_GenerativeTask):
         self.stage2_dir = resolve_model_dir(config.stage2, "stage 2")
         self.qformer_tokenizer = AutoTokenizer.from_pretrained(self.backbones.qformer_tokenizer)
         self.tokenizer = AutoTokenizer.from_pretrained(self.stage2_dir)
-        self.mixture = task_mixture(config.tasks.as_dict())
+        self.mixture = task_mixture(config.tasks.as_dict())  # the toy world's families
+        self.templates = load_templates()  # the file sources' task types
 
     def _stage1_dir(self) -> Path | str:
         if self.config.stage1:
@@ -346,8 +350,24 @@ class InstructTask(_GenerativeTask):
             pairs.append((example.instruction, text if task == "describe" else example.answer))
         return pairs
 
+    def draw_examples(self, batch: Mapping[str, Any], rng: np.random.Generator) -> list[tuple[str, str]]:
+        """(instruction, answer) for each record of a mixture batch: a file source's example through its
+        task type's templates (:func:`blip2.training.templates.format_example`), a toy-world record (no
+        ``example_json``) through the toy families (:meth:`draw_tasks`)."""
+        payloads = batch[EXAMPLE_JSON] if EXAMPLE_JSON in batch else None
+        if payloads is None or not any(payloads):  # the toy world alone: as it always trained
+            return self.draw_tasks(sample_captions(caption_choices(batch), rng), rng)
+        choices = json_captions(batch)
+        pairs = []
+        for payload, texts in zip(payloads, choices, strict=True):
+            if payload:
+                pairs.append(format_example(json.loads(payload), rng, self.templates))
+            else:
+                pairs += self.draw_tasks(sample_captions([texts], rng), rng)
+        return pairs
+
     def make_batch(self, batch, rng):
-        pairs = self.draw_tasks(sample_captions(caption_choices(batch), rng), rng)
+        pairs = self.draw_examples(batch, rng)
         c = self.config
         return build_instruct_batch(self.tokenizer, self.qformer_tokenizer, self.model_config, self._pixels(batch),
                                     [p[0] for p in pairs], [p[1] for p in pairs], c.max_qformer_length,

@@ -102,6 +102,8 @@ def example_payload(task: str, item: Any) -> dict[str, Any]:
     if task == "vqa" and isinstance(item, ChoiceQuestion):  # A-OKVQA's direct answers
         return {"task": task, "question": item.question, "answer": most_common_answer(item.direct_answers)}
     if task == "multiple_choice" and isinstance(item, ChoiceQuestion):
+        if item.correct < 0:
+            raise ValueError("its correct choice is not given")
         return {"task": task, "question": item.question, "choices": list(item.choices),
                 "answer": item.choices[item.correct]}
     if task == "conversation" and isinstance(item, Conversation):

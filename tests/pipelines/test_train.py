@@ -8,12 +8,15 @@ import time
 
 import pytest
 
+from blip2.toyworld.corpus import ToyWorldConfig, generate_split
 from blip2.toyworld.text import INSTRUCTION_TASKS
 from blip2.training.config import Stage1Config
 from pipelines import train
 from tests import badcorpus
+from tests.instruction_files import write_instruction_files
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+SMALL = ToyWorldConfig(web_size=40, clean_size=64, val_size=10, test_size=32, novel_size=10)
 
 
 def small(tmp_path, **extra):
@@ -184,10 +187,32 @@ def test_stage1_stage2_instruct_chain_on_every_input_kind(tmp_path, ray_local, c
     pq.write_table(pa.table({"key": table.column("key"), "image": table.column("image"),
                              "captions": [[t, t] for t in texts], "caption_sources": [["web", "synthetic"]] * len(texts),
                              "caption_scores": [[0.9, 0.8]] * len(texts)}), kept / "part-0.parquet")
+    # ... mixed with a source in each published format, and GQA held out (scored zero-shot)
+    data = write_instruction_files(tmp_path / "datasets", generate_split(SMALL, "val")[:4])
+    sources = ["{name: toy, format: toyworld}"] + [
+        "{" + ", ".join(f"{k}: {v}" for k, v in source.items()) + "}" for source in (
+            {"name": "coco", "format": "karpathy", "annotations": data / "coco/annotations/coco_karpathy_train.json",
+             "images": data / "coco/images"},
+            {"name": "vqa", "format": "vqav2", "images": data / "coco/images/train2014",
+             "questions": data / "vqav2/v2_OpenEnded_mscoco_train2014_questions.json",
+             "annotations": data / "vqav2/v2_mscoco_train2014_annotations.json"},
+            {"name": "aok", "format": "aokvqa", "annotations": data / "aokvqa/aokvqa_v1p0_train.json",
+             "images": data / "coco/images/train2017"},
+            {"name": "llava", "format": "llava", "annotations": data / "llava/llava_instruct_150k.json",
+             "images": data / "coco/images/train2017"},
+            {"name": "gqa", "format": "gqa", "held_out": "true", "questions": data / "gqa/testdev_balanced_questions.json",
+             "images": data / "gqa/images", "limit": 3, "generation": "{max_new_tokens: 3}"})]
     assert train.main(["instruct", *common, f"stage2={runs / 's2-opt'}", "name=inst", f"train_data={kept}",
-                       "eval_examples_per_task=2",
+                       "eval_examples_per_task=2", f"sources=[{', '.join(sources)}]",
                        "eval=[{task: vqav2, split: test, limit: 6, generation: {max_new_tokens: 3}}]"]) == 0
     report = json.loads((runs / "inst" / "report.json").read_text())
+    mixture = report["sources"]["held_in"]
+    assert set(mixture) == {"toy", "coco", "vqa", "aok", "llava"} and mixture["aok"]["task"] == "multiple_choice"
+    assert sum(m["probability"] for m in mixture.values()) == pytest.approx(1, abs=1e-3)
+    assert report["sources"]["held_out"]["gqa"]["num_questions"] == 3  # zero-shot, its own metric
+    assert (runs / "inst" / "eval" / "gqa" / "predictions.jsonl").exists()
+    read = {r["source"]: r for r in report["input"]["sources"]}
+    assert read["vqa"]["kept"] == mixture["vqa"]["per_epoch"] and read["vqa"]["skipped"] == {}
     assert report["eval"]["num_examples"] == 2 * len(INSTRUCTION_TASKS)  # two questions per family
     # the standard set the config names, scored by blip2 evaluate's code on the export
     assert report["benchmarks"]["vqav2/test"]["num_questions"] == 6
