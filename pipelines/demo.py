@@ -139,6 +139,17 @@ class Workflow:
         return result
 
 
+def _toy_eval_sets(section: TrainConfig) -> tuple:
+    """The evaluation sets of the shipped toy config of ``section``'s stage (a section that names none
+    is scored as that config's runs are: on the toy world's test split, in standard formats)."""
+    from blip2.config import load_config
+    from pipelines.common import CONFIG_DIR
+    from pipelines.train import DEFAULT_CONFIGS
+
+    stage = {Stage1Config: "stage1", Stage2Config: "stage2", InstructConfig: "instruct"}[type(section)]
+    return load_config(type(section), CONFIG_DIR / DEFAULT_CONFIGS[stage]).eval
+
+
 def _train(stage: str, config: TrainConfig) -> dict:
     from pipelines import train
 
@@ -163,7 +174,8 @@ def run(config: DemoConfig) -> dict:
 
     def job(section: TrainConfig, name: str, **changes: Any) -> TrainConfig:
         return dataclasses.replace(section, name=name, storage_path=str(storage), toyworld=str(toyworld),
-                                   world=config.world, backbones=config.backbones, **changes)
+                                   world=config.world, backbones=config.backbones,
+                                   eval=section.eval or _toy_eval_sets(section), **changes)
 
     flow.step("toyworld", "generate the corpus", toyworld, to_dict(config.world), [],
               lambda: ensure_toyworld(ToyWorldJobConfig(out=str(toyworld), world=config.world))["counts"])

@@ -7,7 +7,13 @@ batch inference.
 Tasks: coco_retrieval, coco_captions, nocaps, vqav2, okvqa, gqa (``blip2/datasets/tasks.py`` says what
 each reads and scores). Each actor loads the checkpoint once and predicts batch after batch; the driver
 scores. Writes ``<out>/metrics.json``, ``<out>/predictions.jsonl`` (one line per image, question or text)
-and ``<out>/metrics.png``.
+and ``<out>/metrics.png``. On a toy world's copy (``toyworld=``) the toy-only metrics come beside the
+standard ones (``blip2/datasets/toy.py``: attribute-level retrieval, ITM against one-attribute-wrong
+captions, caption attribute accuracy, accuracy per instruction family). Training reports score their
+evaluation sets with this same code (``pipelines/train_eval.py``).
+
+Retrieval re-ranks as the stage-1 run that trained the model did: ``rerank_k`` and ``rerank_itc_scale``
+default to the values in its ``report.json`` (beside ``model/``), else to stage 1's defaults.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from blip2.config import ConfigError, to_dict
+from blip2.backbones.build import find_backbones
+from blip2.config import to_dict
 from blip2.datasets.errors import DatasetError
 from blip2.datasets.predict import SetPredictor, itc_similarity, read_image, require_checkpoint
 from blip2.datasets.tasks import (
+    RETRIEVAL_KS,
     TASK_KINDS,
     itm_candidates,
     load_task,
@@ -34,10 +42,18 @@ from blip2.datasets.tasks import (
     score_retrieval,
     task_kind,
 )
+from blip2.datasets.toy import (
+    caption_metrics,
+    matching_metrics,
+    matching_texts,
+    question_metrics,
+    retrieval_metrics,
+    set_attributes,
+)
 from blip2.models.generation import GenerationParams
 from blip2.reporting import plot_metrics
 from blip2.toyworld.standard import HELD_OUT_SPLITS, standard_files
-from blip2.training.config import TrainConfig
+from blip2.training.config import Stage1Config, TaskSizes
 from pipelines.common import init_ray, job_parser, log, parse_config, quiet_progress_bars
 
 
@@ -55,10 +71,13 @@ class EvaluateConfig:
     generation: GenerationParams = field(default_factory=GenerationParams)
     tokenizer: str = ""  # retrieval exports without a Q-Former tokenizer: where it is
     image_processor: str = ""  # ... and their image processor
-    rerank_k: int = 16  # retrieval: ITM re-ranks ITC's top k in each direction
+    rerank_k: int | None = None  # retrieval: ITM re-ranks ITC's top k in each direction; None: the model's run's
+    rerank_itc_scale: float | None = None  # re-rank score = ITM logit + this * ITC similarity; None: the run's
+    itm_images: int = 200  # toy retrieval: images whose right / one-attribute-wrong / random captions ITM scores
+    held_out: tuple[str, ...] | None = None  # toy questions: families never tuned on; None: the model's run's
     limit: int = 0  # evaluate the first N images / questions only (0: all)
     batch_size: int = 16  # images (or questions) per model call
-    num_actors: int = 1  # the actor pool grows to this many
+    num_actors: int = 1  # the actor pool grows to this many; 0: the same stage in this process, no Ray (quick checks)
     cpus_per_actor: float = 0.5  # fractions leave CPUs for Ray Data's read tasks (two-core deadlock otherwise)
     gpus_per_actor: float = 0.0  # > 0: actors run on CUDA in half precision
     address: str = ""  # a Ray cluster; empty: RAY_ADDRESS (ray job submit) or a fresh local instance
@@ -69,16 +88,68 @@ class EvaluateConfig:
             raise ValueError(f"split must be one of {HELD_OUT_SPLITS}, got {self.split!r}")
         if TASK_KINDS[self.task] in ("vqa", "gqa") and self.prompt and "{}" not in self.prompt:
             raise ValueError(f"a question prompt must contain {{}} for the question, got {self.prompt!r}")
-        if self.rerank_k < 1 or self.limit < 0 or self.batch_size < 1 or self.num_actors < 1:
-            raise ValueError("rerank_k, batch_size and num_actors must be >= 1, limit >= 0")
+        if (self.rerank_k is not None and self.rerank_k < 1) or self.batch_size < 1 or self.num_actors < 0:
+            raise ValueError("rerank_k and batch_size must be >= 1, num_actors >= 0")
+        if self.limit < 0 or self.itm_images < 0 or (self.rerank_itc_scale is not None and self.rerank_itc_scale < 0):
+            raise ValueError("limit, itm_images and rerank_itc_scale must be >= 0")
         if self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
             raise ValueError("cpus_per_actor must be > 0 and gpus_per_actor >= 0")
+
+    @property
+    def toy(self) -> bool:
+        """Whether the set is a toy world's copy: toy-only metrics too. (Files named explicitly win over
+        ``toyworld``, see :func:`resolve_files`.)"""
+        return bool(self.toyworld)
+
+
+def run_settings(config: EvaluateConfig) -> EvaluateConfig:
+    """``config`` with the settings left to the model's training run filled in: from the ``report.json``
+    a training job writes beside ``model/`` when there is one, else the training defaults. A stage-1
+    export holds no tokenizer or image processor: they come from that run's backbones, or the
+    ``tokenizer=`` / ``image_processor=`` directories; neither there is a clear error before Ray starts."""
+    report = Path(config.model).parent / "report.json"
+    try:
+        trained = json.loads(report.read_text()).get("config", {}) if report.is_file() else {}
+    except (OSError, ValueError):
+        trained = {}
+    if TASK_KINDS[config.task] == "retrieval" and Path(config.model).is_dir():
+        config = _retrieval_files(config, trained)
+    held_out = config.held_out
+    if held_out is None:
+        sizes = trained.get("tasks")
+        held_out = (tuple(t for t, n in sizes.items() if n == 0) if isinstance(sizes, dict)
+                    else TaskSizes().held_out())
+    return replace(config, held_out=held_out,
+                   rerank_k=config.rerank_k or int(trained.get("rerank_k", Stage1Config.rerank_k)),
+                   rerank_itc_scale=(config.rerank_itc_scale if config.rerank_itc_scale is not None
+                                     else float(trained.get("rerank_itc_scale", Stage1Config.rerank_itc_scale))))
+
+
+def _retrieval_files(config: EvaluateConfig, trained: dict) -> EvaluateConfig:
+    directory = Path(config.model)
+    try:
+        backbones = find_backbones(trained.get("backbones") or None) if trained else None
+    except FileNotFoundError as error:  # the run's backbones moved away
+        raise DatasetError(f"{directory}: the tokenizer and image processor of its training run: {error}") from error
+    files = {"tokenizer": ("tokenizer_config.json", "the Q-Former tokenizer", "qformer_tokenizer"),
+             "image_processor": ("preprocessor_config.json", "the image processor", "vision")}
+    changes = {}
+    for key, (marker, what, part) in files.items():
+        if getattr(config, key) or (directory / marker).is_file():
+            continue
+        if backbones is None:
+            raise DatasetError(f"{directory} has no {marker}: set {key}= to the directory of {what} the model was "
+                               f"trained with (a stage-1 run's is its backbones' {part}/; nothing is downloaded)")
+        changes[key] = str(getattr(backbones, part))
+    return replace(config, **changes)
 
 
 def resolve_files(config: EvaluateConfig) -> EvaluateConfig:
     """With ``toyworld``, the paths of its standard-format copy of ``split`` for the task (files named
     explicitly win: the toy world is only the default)."""
-    if not config.toyworld or config.annotations or config.questions or config.images:
+    if config.annotations or config.questions or config.images:
+        return replace(config, toyworld="")
+    if not config.toyworld:
         return config
     files = standard_files(config.toyworld, config.split)
     if not files["images"].is_dir():
@@ -144,14 +215,25 @@ class Predict:
 
 
 def _run(rows: list[dict], mode: str, config: EvaluateConfig, batch_size: int | None = None) -> list[dict]:
-    """``rows`` through :class:`Predict` on an actor pool; results in ``index`` order."""
+    """``rows`` through :class:`Predict` on an actor pool (``num_actors`` 0: in this process, batch by
+    batch); results in ``index`` order."""
+    size = batch_size or config.batch_size
+    if config.num_actors == 0:
+        predict = Predict(mode, config.model, config.generation, config.tokenizer, config.image_processor,
+                          config.gpus_per_actor > 0)
+        results = []
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
+            out = predict({key: np.array([row[key] for row in chunk]) for key in chunk[0]})
+            results += [dict(zip(out, values)) for values in zip(*out.values())]
+        return results
     import ray
 
     dataset = ray.data.from_items(rows).map_batches(  # Ray Data: one model per actor, batches stream through
         Predict, fn_constructor_kwargs={"mode": mode, "model": config.model, "params": config.generation,
                                         "tokenizer": config.tokenizer, "image_processor": config.image_processor,
                                         "use_gpu": config.gpus_per_actor > 0},
-        batch_size=batch_size or config.batch_size,
+        batch_size=size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.num_actors),
         num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor or None)
     results = sorted(dataset.take_all(), key=lambda row: int(row["index"]))
@@ -172,11 +254,15 @@ def evaluate_generation(config: EvaluateConfig, items: Sequence) -> tuple[dict, 
     errors = [str(r["error"]) for r in results]
     if kind == "captioning":
         metrics = score_captioning(predictions, items)
+        if config.toy:
+            metrics.update(caption_metrics(predictions, set_attributes(items)))
         samples = [{"image_id": item.image_id, "caption": p, "references": list(item.captions), "error": e}
                    for item, p, e in zip(items, predictions, errors)]
     else:
         metrics = score_questions(config.task, predictions, items)
         scores = question_scores(config.task, predictions, items)
+        if config.toy:
+            metrics.update(question_metrics(predictions, items, scores, config.held_out))
         samples = [{"question_id": item.question_id, "question": item.question, "prompt": prompt, "answer": p,
                     "answers": list(item.answers), "accuracy": s, "error": e}
                    for item, prompt, p, s, e in zip(items, prompts, predictions, scores, errors)]
@@ -184,24 +270,51 @@ def evaluate_generation(config: EvaluateConfig, items: Sequence) -> tuple[dict, 
     return metrics, samples
 
 
-def evaluate_retrieval(config: EvaluateConfig, images: Sequence) -> tuple[dict, list[dict]]:
+def evaluate_retrieval(config: EvaluateConfig, images: Sequence, matched: Sequence = ()) -> tuple[dict, list[dict]]:
+    """Rank every caption of ``images`` against every image (ITC), re-rank each query's top ``rerank_k``
+    by ITM logit + ``rerank_itc_scale`` * ITC similarity; ``_itc`` metrics rank by ITC alone, ``_itm``
+    ranks the top k by ITM alone. ``matched`` (toy images, the set's first ``itm_images``): ITM also
+    scores each one's right, one-attribute-wrong and random caption, in the same pass."""
     texts = [text for image in images for text in image.captions]
     text_image = [i for i, image in enumerate(images) for _ in image.captions]
     image_rows = _run([{"index": i, "path": str(image.path)} for i, image in enumerate(images)], "image_features", config)
     text_rows = _run([{"index": t, "text": text} for t, text in enumerate(texts)], "text_features", config)
     similarity = itc_similarity(np.stack([r["features"] for r in image_rows]),
                                 np.stack([r["features"] for r in text_rows]))  # (I, T)
-    candidates = itm_candidates(similarity, config.rerank_k)
-    itm_rows = _run([{"index": i, "path": str(image.path), "candidates": json.dumps([texts[t] for t in chosen])}
-                     for i, (image, chosen) in enumerate(zip(images, candidates))], "itm", config, batch_size=4)
-    logits = {(i, t): value for i, (row, chosen) in enumerate(zip(itm_rows, candidates))
-              for t, value in zip(chosen, json.loads(row["logits"]))}
-    text_to_image, image_to_text = rerank(similarity, logits, config.rerank_k)
-    metrics = score_retrieval(text_to_image, image_to_text, text_image, len(images))
-    itc_t2i, itc_i2t = similarity.t().argsort(dim=1, descending=True), similarity.argsort(dim=1, descending=True)
-    metrics.update(score_retrieval(itc_t2i, itc_i2t, text_image, len(images), suffix="_itc"))
-    metrics.update({"num_images": len(images), "num_texts": len(texts), "rerank_k": config.rerank_k,
+    k = config.rerank_k
+    candidates = itm_candidates(similarity, k)
+    pairs = matching_texts(set_attributes(matched)) if matched else None
+    itm_texts = []  # per image: the re-rank's candidates, then its matching captions
+    for i in range(max(len(images), len(matched))):
+        chosen = [texts[t] for t in candidates[i]] if i < len(images) else []
+        extra = [pairs.right[i], *(wrong[i] for wrong in pairs.wrong.values())] if i < len(matched) else []
+        itm_texts.append(chosen + extra)
+    pool = images if len(images) >= len(matched) else matched  # both are prefixes of the same set
+    itm_rows = _run([{"index": i, "path": str(pool[i].path), "candidates": json.dumps(chosen)}
+                     for i, chosen in enumerate(itm_texts)], "itm", config, batch_size=4)
+    values = [json.loads(row["logits"]) for row in itm_rows]
+    logits = {(i, t): value for i, chosen in enumerate(candidates) for t, value in zip(chosen, values[i])}
+    rankings = {"": rerank(similarity, logits, k, config.rerank_itc_scale),
+                "_itc": (similarity.t().argsort(dim=1, descending=True), similarity.argsort(dim=1, descending=True)),
+                "_itm": rerank(similarity, logits, k, itc_scale=0.0)}
+    metrics = {}
+    for suffix, (text_to_image, image_to_text) in rankings.items():
+        metrics.update(score_retrieval(text_to_image, image_to_text, text_image, len(images), suffix=suffix))
+    metrics.update({"num_images": len(images), "num_texts": len(texts), "rerank_k": k,
+                    "rerank_itc_scale": config.rerank_itc_scale,
                     "unreadable_images": sum(bool(r["error"]) for r in image_rows)})
+    if config.toy:
+        attributes = set_attributes(images)
+        for suffix, (text_to_image, image_to_text) in rankings.items():
+            metrics.update(retrieval_metrics(text_to_image, image_to_text, texts, text_image, attributes,
+                                             RETRIEVAL_KS, suffix))
+        metrics["num_candidates"] = len(images)
+    if matched:
+        offsets = [len(candidates[i]) if i < len(images) else 0 for i in range(len(matched))]
+        metrics.update(matching_metrics([values[i][o] for i, o in enumerate(offsets)],
+                                        {kind: [values[i][o + 1 + n] for i, o in enumerate(offsets)]
+                                         for n, kind in enumerate(pairs.wrong)}))
+    text_to_image, image_to_text = rankings[""]
     samples = [{"image_id": image.image_id, "top_texts": [texts[t] for t in image_to_text[i, :5].tolist()],
                 "error": str(image_rows[i]["error"])} for i, image in enumerate(images)]
     samples += [{"text": text, "image_id": images[text_image[t]].image_id,
@@ -213,17 +326,17 @@ def evaluate_retrieval(config: EvaluateConfig, images: Sequence) -> tuple[dict, 
 def run(config: EvaluateConfig) -> dict:
     """Evaluate ``config.model`` on ``config.task``; returns the report written to ``metrics.json``."""
     require_checkpoint(config.model)  # a missing checkpoint or dataset fails before Ray starts
-    config = resolve_files(config)
-    items = load_task(config.task, config.annotations, config.images, config.questions)
-    if config.limit:
-        items = items[: config.limit]
+    config = run_settings(resolve_files(config))
+    every = load_task(config.task, config.annotations, config.images, config.questions)
+    items = every[: config.limit] if config.limit else every
     log(f"[evaluate] {config.task}: {len(items)} {'questions' if TASK_KINDS[config.task] in ('vqa', 'gqa') else 'images'}"
         f" from {config.questions or config.annotations}; model {config.model}")
     start = time.perf_counter()
-    init_ray(config.address)
-    quiet_progress_bars()
+    if config.num_actors:
+        init_ray(config.address)
+        quiet_progress_bars()
     if TASK_KINDS[config.task] == "retrieval":
-        metrics, samples = evaluate_retrieval(config, items)
+        metrics, samples = evaluate_retrieval(config, items, every[: config.itm_images] if config.toy else ())
     else:
         metrics, samples = evaluate_generation(config, items)
     seconds = time.perf_counter() - start
@@ -236,46 +349,11 @@ def run(config: EvaluateConfig) -> dict:
               "config": to_dict(config)}
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_metrics(metrics, out / "metrics.png", title=f"{config.task}: {Path(config.model).name}")
-    headline = {k: v for k, v in metrics.items() if isinstance(v, float) and "/" not in k and not k.endswith("_itc")}
+    headline = {k: v for k, v in metrics.items() if isinstance(v, float) and "/" not in k
+                and not k.endswith(("_itc", "_itm", "_strict")) and k != "rerank_itc_scale"}
     log(f"[evaluate] {config.task} done in {seconds:.0f}s: " + ", ".join(f"{k} {v:.3f}" for k, v in headline.items())
         + f" -> {out}/: metrics.json, predictions.jsonl, metrics.png")
     return report
-
-
-# ---------------------------------------------------------------------------------------------------
-# The sets a training config names (``eval:``), scored on the job's export by the same code.
-
-STAGE_TASK_KINDS = {"stage1": ("retrieval",), "stage2": ("captioning",), "instruct": ("captioning", "vqa", "gqa")}
-
-
-def check_eval_sets(stage: str, config: TrainConfig) -> None:
-    """Fail before training when ``eval`` names a task the stage's model cannot do."""
-    for eval_set in config.eval:
-        if TASK_KINDS[eval_set.task] not in STAGE_TASK_KINDS[stage]:
-            raise ConfigError(f"eval task {eval_set.task} needs a {TASK_KINDS[eval_set.task]} model; {stage} trains "
-                              f"one for {' / '.join(STAGE_TASK_KINDS[stage])}")
-
-
-def evaluate_training_output(config: TrainConfig, model_dir: Path, qformer_tokenizer: str, vision: str) -> dict:
-    """Score the exported ``model_dir`` on every set of ``config.eval``; ``{set name: metrics}``. A toy
-    split's standard copy is written with the toy world only when a set names one."""
-    from pipelines.toyworld import ToyWorldJobConfig, ensure_toyworld
-
-    results = {}
-    for eval_set in config.eval:
-        if eval_set.split:
-            ensure_toyworld(ToyWorldJobConfig(out=config.toyworld, world=config.world))
-        retrieval = TASK_KINDS[eval_set.task] == "retrieval"
-        scaling = config.scaling
-        report = run(EvaluateConfig(
-            task=eval_set.task, model=str(model_dir), annotations=eval_set.annotations, questions=eval_set.questions,
-            images=eval_set.images, toyworld=config.toyworld if eval_set.split else "", split=eval_set.split or "test",
-            out=str(config.output / "eval" / eval_set.name.replace("/", "-")), prompt=eval_set.prompt,
-            generation=eval_set.generation, rerank_k=eval_set.rerank_k, limit=eval_set.limit,
-            tokenizer=qformer_tokenizer if retrieval else "", image_processor=vision if retrieval else "",
-            num_actors=scaling.num_workers, gpus_per_actor=scaling.gpus_per_worker if scaling.use_gpu else 0.0))
-        results[eval_set.name] = {**report["metrics"], "seconds": report["seconds"]}
-    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,11 +13,12 @@ Ray Data (``get_dataset_shard``): the toy world's WebDataset shards, Parquet, or
 (``train_data=``). A checkpoint (trainable weights, optimiser, scheduler, step, data position) is
 reported every ``checkpoint_every`` steps; running the same job again with the same ``name`` and
 ``storage_path`` resumes from the latest one, and a worker that dies is replaced and training continues
-from it (``max_failures``). At the end the driver evaluates the final checkpoint on held-out toy-world
-data and writes ``<storage_path>/<name>/``: ``report.json``, ``history.json`` (the loss curve),
-``curve.png`` and ``model/`` (transformers
-layout: ``Blip2ForImageTextRetrieval``, ``Blip2ForConditionalGeneration`` or
-``InstructBlipForConditionalGeneration``).
+from it (``max_failures``). At the end the driver exports the final checkpoint to ``model/``
+(transformers layout: ``Blip2ForImageTextRetrieval``, ``Blip2ForConditionalGeneration`` or
+``InstructBlipForConditionalGeneration``), scores it on the evaluation sets the config names (``eval:``;
+the toy configs name the toy world's held-out splits in standard formats) with ``blip2 evaluate``'s code,
+and writes ``<storage_path>/<name>/``: ``report.json``, ``history.json`` (the loss curve), ``curve.png``
+and ``eval/<set>/`` (each set's metrics, predictions and plot).
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from ray.train.torch import TorchTrainer
 from blip2.config import ConfigError, from_dict, to_dict
 from blip2.models.export import load_trainable
 from blip2.reporting import plot_curves
-from blip2.toyworld.corpus import generate_split
 from blip2.datasets.errors import DatasetError
 from blip2.training.config import InstructConfig, TrainConfig
 from blip2.training.data import skip_counts, training_records
@@ -53,8 +53,8 @@ from blip2.training.mixture import check_source_files
 from blip2.training.state import TRAINABLE, TrainingProgress, load_training_state, save_training_state
 from blip2.training.tasks import MODEL_DIR, TASKS, TrainingTask
 from pipelines.common import init_ray, job_parser, log, parse_config, quiet_progress_bars
-from pipelines.evaluate import check_eval_sets, evaluate_training_output
 from pipelines.instruct_data import evaluate_held_out, mixture_data
+from pipelines.train_eval import check_eval_sets, evaluate_training_output
 from pipelines.toyworld import ToyWorldJobConfig, ensure_toyworld
 
 HISTORY = "history.json"  # loss curve, kept in every checkpoint so a resumed run continues it
@@ -348,11 +348,25 @@ def fit(stage: str, config: TrainConfig, task: TrainingTask | None = None, start
     return finish(stage, config, result.checkpoint, task, input_report, (clock, worker) if worker else None)
 
 
+def toy_eval(config: TrainConfig, benchmarks: dict) -> dict:
+    """``report.json``'s ``eval``: the metrics of the first evaluation set on a toy split (with its
+    ``split``), and those of the same task on the other toy splits under their split's name (stage 1's
+    ``novel``), as earlier reports laid them out; the same numbers as in ``benchmarks``."""
+    toy_sets = [s for s in config.eval if s.split]
+    if not toy_sets:
+        return {"split": ""}
+    first = toy_sets[0]
+    metrics = {"split": first.split, **benchmarks[first.name]}
+    metrics.update({s.split: benchmarks[s.name] for s in toy_sets[1:] if s.task == first.task})
+    return metrics
+
+
 def finish(stage: str, config: TrainConfig, checkpoint, task: TrainingTask | None = None,
            input_report: dict | None = None, timing: tuple[dict, dict] | None = None) -> Path:
-    """Load the final checkpoint, evaluate it on held-out data, write the report, curve and export.
-    ``input_report`` (from :func:`training_data`) is the input's accounting: records kept and skipped.
-    ``timing``: the driver's and rank 0's clocks (from :func:`fit`), for the report's time split."""
+    """Load the final checkpoint, export it, score the export on the sets ``config.eval`` names (and an
+    instruction mixture's held-out sources), write the report and curve. ``input_report`` (from
+    :func:`training_data`) is the input's accounting: records kept and skipped. ``timing``: the driver's
+    and rank 0's clocks (from :func:`fit`), for the report's time split."""
     export_start = time.perf_counter()
     task = task or TASKS[stage][1](config)
     output = config.output
@@ -362,19 +376,19 @@ def finish(stage: str, config: TrainConfig, checkpoint, task: TrainingTask | Non
         load_trainable(task.trainable_module(model), Path(directory) / TRAINABLE)
         history = json.loads((Path(directory) / HISTORY).read_text())
     model.eval()
-    start = time.perf_counter()
-    export_seconds = start - export_start
-    metrics: dict = {}
-    if config.eval_split:  # empty: no toy-world evaluation (a real run names its sets under eval)
-        log(f"[{stage}] evaluating on the held-out {config.eval_split!r} split")
-        metrics = task.evaluate(model, generate_split(config.world, config.eval_split))
-    eval_seconds = time.perf_counter() - start
-    start = time.perf_counter()
     task.export(model, output / MODEL_DIR)
     (output / HISTORY).write_text(json.dumps(history))
     plot_curves(history, list(task.loss_names), output / "curve.png", title=config.name,
                 panels=task.curve_panels)
-    export_seconds += time.perf_counter() - start
+    export_seconds = time.perf_counter() - export_start
+    start = time.perf_counter()
+    benchmarks = {}
+    if config.eval:  # scored on the export by blip2 evaluate's code (loaders, metrics, Ray Data)
+        log(f"[{stage}] scoring {', '.join(s.name for s in config.eval)} (blip2 evaluate)")
+        benchmarks = evaluate_training_output(config, output / MODEL_DIR, str(task.backbones.qformer_tokenizer),
+                                              str(task.backbones.vision))
+    eval_seconds = time.perf_counter() - start
+    metrics = toy_eval(config, benchmarks)
     this_run = [h for h in history if h["started_at"] == history[-1]["started_at"]]
     steps_timed = this_run[-1]["step"] - this_run[0]["step"]
     seconds = this_run[-1]["time"] - this_run[0]["time"]
@@ -383,7 +397,7 @@ def finish(stage: str, config: TrainConfig, checkpoint, task: TrainingTask | Non
         "stage": stage, "name": config.name, "steps": history[-1]["step"],
         "final_losses": history[-1], "started_at": sorted({h["started_at"] for h in history}),
         "samples_per_s": round(global_batch * steps_timed / seconds, 2) if seconds > 0 else None,
-        "headline": task.headline(metrics), "eval": {"split": config.eval_split, **metrics},
+        "headline": task.headline(metrics), "eval": metrics,
         "eval_seconds": round(eval_seconds, 1), "config": to_dict(config),
     }
     if input_report is not None:
@@ -393,12 +407,8 @@ def finish(stage: str, config: TrainConfig, checkpoint, task: TrainingTask | Non
         report["sources"] = {"held_in": (input_report or {}).get("mixture", {}),
                              "held_out": evaluate_held_out(config, output / MODEL_DIR)}
         eval_seconds += time.perf_counter() - start
-    if config.eval:  # the standard sets the config names, scored on the export by blip2 evaluate's code
-        log(f"[{stage}] scoring {', '.join(s.name for s in config.eval)} (blip2 evaluate)")
-        start = time.perf_counter()
-        report["benchmarks"] = evaluate_training_output(config, output / MODEL_DIR,
-                                                        str(task.backbones.qformer_tokenizer), str(task.backbones.vision))
-        eval_seconds += time.perf_counter() - start
+    if config.eval:
+        report["benchmarks"] = benchmarks
     if timing is not None:  # where the wall time went, and the loop's samples/s over its own step's
         driver, worker = timing
         report["time_split"] = time_split({**driver, "evaluation": eval_seconds, "export": export_seconds,

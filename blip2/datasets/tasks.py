@@ -136,16 +136,20 @@ def itm_candidates(similarity: torch.Tensor, k: int) -> list[list[int]]:
     return [sorted(c) for c in candidates]
 
 
-def rerank(similarity: torch.Tensor, itm_logit: dict[tuple[int, int], float], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rerank(similarity: torch.Tensor, itm_logit: dict[tuple[int, int], float], k: int, itc_scale: float = 1.0
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(text_to_image (T, I), image_to_text (I, T)) rankings: each query's ITC top ``k`` re-ordered by
-    ITM logit + ITC similarity (BLIP-2's recipe), the rest in ITC order. ``itm_logit[(image, text)]``
-    must hold every pair :func:`itm_candidates` named."""
+    ITM logit + ``itc_scale`` * ITC similarity, the rest in ITC order. ``itc_scale=1`` is BLIP-2's sum;
+    0 ranks the top ``k`` by ITM alone (as :func:`blip2.models.scoring.rerank_with_itm`).
+    ``itm_logit[(image, text)]`` must hold every pair :func:`itm_candidates` named."""
+    if itc_scale < 0:
+        raise ValueError(f"itc_scale must be >= 0, got {itc_scale}")
     def one_direction(scores: torch.Tensor, pair: callable) -> torch.Tensor:
         order = _itc_order(scores)
         depth = min(k, scores.shape[1])
         for row in range(scores.shape[0]):
             top = order[row, :depth].tolist()
-            rescored = [itm_logit[pair(row, column)] + float(scores[row, column]) for column in top]
+            rescored = [itm_logit[pair(row, column)] + itc_scale * float(scores[row, column]) for column in top]
             best_first = sorted(range(depth), key=lambda i: -rescored[i])  # stable: ties keep ITC order
             order[row, :depth] = torch.tensor([top[i] for i in best_first])
         return order

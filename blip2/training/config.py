@@ -62,7 +62,10 @@ class EvalSet:
     loaders and metrics as ``blip2 evaluate`` (``blip2/datasets/tasks.py`` lists the tasks and files).
 
     Either ``split`` (``val`` / ``test`` / ``novel``: the job's toy world's copy of that split in the
-    task's standard format, written with the toy world if missing) or the set's own files.
+    task's standard format, written with the toy world if missing; the toy-only metrics come beside the
+    standard ones) or the set's own files. Retrieval re-ranks with the stage-1 config's ``rerank_k`` and
+    ``rerank_itc_scale``; questions on a toy split are split into held-in and held-out families by the
+    instruction config's ``tasks``.
     """
 
     task: str  # coco_retrieval, coco_captions, nocaps, vqav2, okvqa, gqa
@@ -72,10 +75,11 @@ class EvalSet:
     images: str = ""
     prompt: str = ""  # captioning: text before the caption; questions: a template with {}
     generation: GenerationParams = field(default_factory=GenerationParams)
-    rerank_k: int = 16
     limit: int = 0  # the first N images / questions (0: all)
 
     def __post_init__(self) -> None:
+        if self.limit < 0:
+            raise ValueError(f"eval set {self.task}: limit must be >= 0, got {self.limit}")
         if self.task not in TASK_KINDS:
             raise ValueError(f"eval task must be one of {', '.join(TASK_KINDS)}, got {self.task!r}")
         if self.split and self.split not in HELD_OUT_SPLITS:
@@ -98,9 +102,10 @@ class TrainConfig:
     ``text``, or CapFilt's ``kept`` Parquet output (``captions`` lists; one kept caption is sampled per
     record per step); several sources train as one shuffled mix (e.g. a clean set plus CapFilt's output
     of a web crawl). Else it is the toy world's ``train_split`` under ``toyworld`` (written with
-    ``world`` if missing). The toy-only held-out metrics use the toy world's ``eval_split``, whose ground
-    truth they need; the standard ones come from the sets ``eval`` names (``EvalSet``), each scored by
-    ``blip2 evaluate``'s code into ``report.json``'s ``benchmarks``.
+    ``world`` if missing). After training the export is scored on the sets ``eval`` names (``EvalSet``:
+    a toy world's held-out split in a standard format, or a standard set's files), each by
+    ``blip2 evaluate``'s code into ``report.json``'s ``benchmarks``; none named, none scored. The toy
+    world is made only when the training data or an evaluation set is one of its splits.
     """
 
     name: str = "train"
@@ -109,8 +114,7 @@ class TrainConfig:
     world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
     train_split: str = "clean"
     train_data: tuple[str, ...] = ()  # one path (`train_data=DIR`) or a list (`train_data=[DIR1,DIR2]`)
-    eval_split: str = "test"  # the toy world's split for the toy-only metrics; empty: none
-    eval: tuple[EvalSet, ...] = ()  # standard sets scored after training, e.g. [{task: vqav2, split: test}]
+    eval: tuple[EvalSet, ...] = ()  # sets scored after training, e.g. [{task: vqav2, split: test, limit: 600}]
     backbones: str = ""  # empty: the toy backbones shipped in the package
     optim: OptimConfig = field(default_factory=OptimConfig)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
@@ -170,11 +174,9 @@ class Stage1Config(TrainConfig):
     name: str = "stage1-toy"
     model: Stage1ModelConfig = field(default_factory=Stage1ModelConfig)
     loss: Stage1LossConfig = field(default_factory=Stage1LossConfig)
-    eval_candidates: int = 100  # text->image among this many held-out images
-    rerank_k: int = 16  # ITM re-ranks ITC's top k
+    rerank_k: int = 16  # retrieval evaluation: ITM re-ranks ITC's top k (blip2 evaluate reads it from report.json)
     rerank_itc_scale: float = 1.0  # re-rank score = ITM logit + this * ITC cosine similarity (BLIP-2: 1)
-    itm_eval_images: int = 200  # held-out images whose right / one-attribute-wrong / random pairs ITM scores
-    extra_eval_splits: tuple[str, ...] = ("novel",)  # also evaluated, reported under their names
+    itm_eval_images: int = 200  # toy retrieval sets: images whose right / one-attribute-wrong / random pairs ITM scores
     itm_diagnostics: bool = True  # ITM accuracies and negative hardness per step, in the history and curve
 
 
@@ -191,8 +193,6 @@ class Stage2Config(TrainConfig):
     max_prefix_fraction: float = 0.5  # encoder-decoder prefix LM: at most this share of words go to the encoder
     max_text_length: int = 32
     max_target_length: int = 32
-    eval_size: int = 200  # held-out images captioned by the final model
-    eval_batch_size: int = 50
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -294,7 +294,7 @@ class InstructionSource:
 TOY_SOURCE = InstructionSource(name="toyworld", format="toyworld")
 
 
-def check_sources(sources: tuple[InstructionSource, ...], eval_split: str) -> None:
+def check_sources(sources: tuple[InstructionSource, ...], toy_eval_sets: tuple[str, ...] = ()) -> None:
     """Start-up checks of a mixture: names unique, one toy world at most, something held in, and no
     held-out file trained on (a held-out set must stay unseen, as InstructBLIP holds out whole datasets)."""
     names = [s.name for s in sources]
@@ -310,9 +310,10 @@ def check_sources(sources: tuple[InstructionSource, ...], eval_split: str) -> No
             if file in trained:
                 raise ValueError(f"source {source.name!r} is held out, but its file {file} is also trained on by "
                                  f"source {trained[file]!r}: a held-out set must never be trained on")
-    if eval_split and not any(s.format == "toyworld" and not s.held_out for s in sources):
-        raise ValueError(f"eval_split={eval_split!r} scores the toy world's instruction families, but no toyworld "
-                         f"source is trained on: set eval_split: \"\" (the held-out sources are scored instead)")
+    if toy_eval_sets and not any(s.format == "toyworld" and not s.held_out for s in sources):
+        raise ValueError(f"eval sets {', '.join(toy_eval_sets)} score the toy world's instruction families, but no "
+                         f"toyworld source is trained on: name other sets under eval (the held-out sources are "
+                         f"scored anyway)")
 
 
 @dataclass(frozen=True)
@@ -328,8 +329,6 @@ class InstructConfig(TrainConfig):
     max_qformer_length: int = 32
     max_text_length: int = 32
     max_target_length: int = 32
-    eval_examples_per_task: int = 100  # held-out images asked one question of each family
-    eval_batch_size: int = 50
     sources: tuple[InstructionSource, ...] = ()  # the mixture; empty: the toy world alone (TOY_SOURCE)
     mixture_epoch: int = 0  # examples per pass over the mixture; 0: see blip2.training.mixture.epoch_counts
 
@@ -337,7 +336,7 @@ class InstructConfig(TrainConfig):
         super().__post_init__()
         if self.mixture_epoch < 0:
             raise ValueError("mixture_epoch must be >= 0")
-        check_sources(self.mixture_sources(), self.eval_split)
+        check_sources(self.mixture_sources(), tuple(s.name for s in self.eval if s.split))
 
     def mixture_sources(self) -> tuple[InstructionSource, ...]:
         return self.sources or (TOY_SOURCE,)

@@ -2,8 +2,8 @@
 
 A :class:`TrainingTask` builds the model (frozen backbones loaded once, trainable parts initialised the
 same on every worker), the *step module* that distributed data parallelism wraps (its ``forward`` runs
-the whole objective and returns the losses), turns a batch of records into model inputs, evaluates the
-final model on held-out toy-world data and exports it in transformers' layout. Nothing here knows about
+the whole objective and returns the losses), turns a batch of records into model inputs and exports the
+final model in transformers' layout (scored afterwards by ``blip2 evaluate``'s code). Nothing here knows about
 Ray: ``pipelines/train.py`` runs these on Ray Train workers, and a plain loop can run them as well (the
 benchmark's single-process baseline does).
 """
@@ -25,8 +25,6 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from blip2.backbones.build import ToyBackbones, find_backbones
 from blip2.backbones.vision import pixel_values
-from blip2.evaluation import evaluate_captions, evaluate_instructions, evaluate_retrieval
-from blip2.matching import evaluate_matching
 from blip2.models.export import (
     export_blip2,
     export_instructblip,
@@ -45,8 +43,7 @@ from blip2.models.stage2 import (
     split_prefix,
 )
 from blip2.tokenization import IMAGE_TOKEN
-from blip2.toyworld.corpus import Record, generate_split
-from blip2.toyworld.text import INSTRUCTION_TASKS, instruction_example, parse_attributes
+from blip2.toyworld.text import instruction_example, parse_attributes
 from blip2.toyworld.world import ATTRIBUTES, Attributes
 from blip2.training.config import InstructConfig, Stage1Config, Stage2Config, TrainConfig
 from blip2.training.data import (
@@ -115,15 +112,11 @@ class TrainingTask(ABC):
 
     # -- after training -----------------------------------------------------------------------------
     @abstractmethod
-    def evaluate(self, model: nn.Module, records: Sequence[Record]) -> dict[str, Any]:
-        """Held-out metrics of the trained model on ``records`` (a toy-world split)."""
-
-    @abstractmethod
     def export(self, model: nn.Module, out: Path) -> Path:
         """The trained model in transformers' layout, loadable by the next stage, CapFilt and Serve."""
 
     def headline(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        """The few numbers a person looks at first."""
+        """The few numbers a person looks at first, of the metrics of the first evaluation set."""
         return {}
 
     def grad_norm_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -193,21 +186,6 @@ class Stage1Task(TrainingTask):
     def grad_norm_groups(self, model):
         return {"crossattention": [p for n, p in model.named_parameters() if ".crossattention." in n],
                 "itm_head": list(model.itm_head.parameters())}
-
-    def evaluate(self, model, records):
-        metrics = self._evaluate_split(model, records)
-        for split in self.config.extra_eval_splits:  # reported beside the eval split, under their names
-            metrics[split] = self._evaluate_split(model, generate_split(self.config.world, split))
-        return metrics
-
-    def _evaluate_split(self, model, records):
-        c = self.config
-        metrics = evaluate_retrieval(model, self.tokenizer, records, num_candidates=c.eval_candidates,
-                                     rerank_k=c.rerank_k, max_text_length=c.model.max_text_length,
-                                     rerank_itc_scale=c.rerank_itc_scale)
-        metrics.update(evaluate_matching(model, self.tokenizer, records, num_images=c.itm_eval_images,
-                                         max_text_length=c.model.max_text_length))
-        return metrics
 
     def export(self, model, out):
         return export_stage1(model, out)
@@ -293,13 +271,6 @@ class Stage2Task(_GenerativeTask):
         return build_stage2_batch(self.tokenizer, self.model_config, self._pixels(batch), targets, prompts,
                                   config.max_text_length, config.max_target_length).model_inputs()
 
-    def evaluate(self, model, records):
-        prompt = self.config.prompt or None
-        return evaluate_captions(model.model if isinstance(model, Blip2Stage2) else model, self.tokenizer,
-                                 list(records[: self.config.eval_size]), prompt=prompt,
-                                 batch_size=self.config.eval_batch_size, seed=self.config.seed,
-                                 max_text_length=self.config.max_text_length)
-
     def export(self, model, out):
         return export_blip2(model, self.tokenizer, self.backbones.vision, out)
 
@@ -372,15 +343,6 @@ class InstructTask(_GenerativeTask):
         return build_instruct_batch(self.tokenizer, self.qformer_tokenizer, self.model_config, self._pixels(batch),
                                     [p[0] for p in pairs], [p[1] for p in pairs], c.max_qformer_length,
                                     c.max_text_length, c.max_target_length).model_inputs()
-
-    def evaluate(self, model, records):
-        held_out = self.config.tasks.held_out()
-        return evaluate_instructions(model.model if isinstance(model, Blip2Stage2) else model, self.tokenizer,
-                                     self.qformer_tokenizer, list(records), tuple(INSTRUCTION_TASKS),
-                                     self.config.eval_examples_per_task, seed=self.config.seed,
-                                     batch_size=self.config.eval_batch_size, held_out=held_out,
-                                     max_qformer_length=self.config.max_qformer_length,
-                                     max_text_length=self.config.max_text_length)
 
     def export(self, model, out):
         return export_instructblip(model, self.tokenizer, self.qformer_tokenizer,

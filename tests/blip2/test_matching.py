@@ -32,3 +32,27 @@ def test_scores_of_oracle_constant_and_inverted_models():
     assert inverted["itm_pairwise_random"] == 0.0 and inverted["itm_balanced_random"] == 0.0
     with pytest.raises(ValueError, match="random"):
         score_matching(right, {"random": torch.ones(n + 1)})
+
+
+def test_evaluate_matching_in_process_scores_three_pairs_per_image():
+    from transformers import AutoTokenizer
+
+    from blip2.backbones.build import find_backbones
+    from blip2.matching import evaluate_matching
+    from blip2.models.stage1 import build_stage1_model
+    from blip2.toyworld.corpus import ToyWorldConfig, generate_split
+
+    backbones = find_backbones()
+    torch.manual_seed(0)
+    model = build_stage1_model(backbones.vision, backbones.qformer_tokenizer, num_query_tokens=4,
+                               image_text_hidden_size=32, hidden_size=64, num_layers=1, num_heads=4,
+                               intermediate_size=128).train()
+    tokenizer = AutoTokenizer.from_pretrained(backbones.qformer_tokenizer)
+    records = generate_split(ToyWorldConfig(seed=1, test_size=12), "test")
+    metrics = evaluate_matching(model, tokenizer, records, num_images=12, batch_size=5)
+    assert model.training  # the caller's mode is restored
+    assert metrics["itm_num_images"] == 12
+    assert {"itm_pairwise_random", "itm_balanced_random", "itm_pairwise_one_attribute",
+            "itm_balanced_one_attribute", "itm_right_accuracy"} <= set(metrics)
+    assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k != "itm_num_images")
+    assert evaluate_matching(model, tokenizer, records, num_images=12, batch_size=12) == metrics

@@ -25,8 +25,9 @@ def free_port() -> int:
 def tiny(out, port) -> list[str]:
     args = [f"out={out}", "world.web_size=160", "world.clean_size=96", "world.val_size=24", "world.test_size=100",
             "world.novel_size=10", "world.shard_size=64", f"serve.http.port={port}", "requests=2",
-            "serve.replica.num_cpus=0.5", "serve.http.ingress_num_cpus=0.1", "bootstrap_captioner.eval_size=8",
-            "stage2.eval_size=8", "instruct.eval_examples_per_task=2"]
+            "serve.replica.num_cpus=0.5", "serve.http.ingress_num_cpus=0.1", "bootstrap_captioner.eval=[{task: coco_captions, split: test, limit: 8}]",
+            "stage2.eval=[{task: coco_captions, split: test, limit: 8}]",
+            "instruct.eval=[{task: vqav2, split: test, limit: 12}]"]
     for section, steps in TRAIN_STEPS.items():
         args += [f"{section}.optim.max_steps={steps}", f"{section}.optim.warmup_steps=1",
                  f"{section}.optim.batch_size=16", f"{section}.checkpoint_every={steps}",

@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent('''
         f"storage_path={tmp / 'runs'}", f"toyworld={tmp / 'world'}", "world.web_size=40", "world.clean_size=64",
         "world.val_size=10", "world.test_size=32", "world.novel_size=10", "model.hidden_size=64",
         "model.num_layers=1", "model.image_text_hidden_size=32", "model.num_query_tokens=4", "optim.batch_size=8",
-        "optim.warmup_steps=1", "optim.max_steps=40", "checkpoint_every=5", "log_every=10", "eval_candidates=32",
+        "optim.warmup_steps=1", "optim.max_steps=40", "checkpoint_every=5", "log_every=10",
         "feature_cache=false", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
         "scaling.placement_strategy=STRICT_SPREAD", "max_failures=2", "name=multinode"])
     outcome = {}

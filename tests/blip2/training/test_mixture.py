@@ -68,21 +68,22 @@ def test_sqrt_size_sampling_with_per_source_weight_and_size_overrides():
     assert sorted(Counter(draw_epoch(25, 10, rng).tolist()).values()) == [2] * 5 + [3] * 5
 
 
-@pytest.mark.parametrize("sources, eval_split, message", [
+@pytest.mark.parametrize("sources, toy_eval, message", [
     ([{"name": "v", "format": "vqav2", "images": "i", "questions": "q.json"},
-      {"name": "h", "format": "vqav2", "images": "i", "questions": "q.json", "held_out": True}], "",
+      {"name": "h", "format": "vqav2", "images": "i", "questions": "q.json", "held_out": True}], False,
      "source 'h' is held out, but its file .*q.json is also trained on by source 'v'"),
-    ([{"name": "h", "format": "gqa", "images": "i", "held_out": True}], "", "every source is held out"),
-    ([{"name": "t", "format": "toyworld"}, {"name": "u", "format": "toyworld"}], "test", "one toyworld"),
-    ([{"name": "v", "format": "vqav2", "images": "i"}], "test", "set eval_split"),
-    ([{"name": "l", "format": "llava", "images": "i", "held_out": True}, {"name": "t", "format": "toyworld"}], "test",
+    ([{"name": "h", "format": "gqa", "images": "i", "held_out": True}], False, "every source is held out"),
+    ([{"name": "t", "format": "toyworld"}, {"name": "u", "format": "toyworld"}], True, "one toyworld"),
+    ([{"name": "v", "format": "vqav2", "images": "i"}], True, "score the toy world's instruction families"),
+    ([{"name": "l", "format": "llava", "images": "i", "held_out": True}, {"name": "t", "format": "toyworld"}], True,
      "no llava task"),
-    ([{"name": "a", "format": "aokvqa", "images": "i", "task": "conversation"}], "", "multiple_choice or vqa"),
-    ([{"name": "v", "format": "vqav2"}], "", "set images="),
+    ([{"name": "a", "format": "aokvqa", "images": "i", "task": "conversation"}], False, "multiple_choice or vqa"),
+    ([{"name": "v", "format": "vqav2"}], False, "set images="),
 ])
-def test_a_mixture_that_would_train_on_a_held_out_set_or_cannot_run_fails_at_start_up(sources, eval_split, message):
+def test_a_mixture_that_would_train_on_a_held_out_set_or_cannot_run_fails_at_start_up(sources, toy_eval, message):
+    eval_sets = [{"task": "vqav2", "split": "test"}] if toy_eval else []
     with pytest.raises(ValueError, match=message):
-        from_dict(InstructConfig, {"sources": sources, "eval_split": eval_split})
+        from_dict(InstructConfig, {"sources": sources, "eval": eval_sets})
 
 
 def test_gpu_config_names_no_toy_family_and_builds_its_mixture_over_tiny_files_laid_out_the_same(files):
@@ -138,7 +139,7 @@ def stage2_dir(tmp_path_factory):
 def test_tunes_on_every_format_plus_the_toy_world_and_scores_a_held_out_source_zero_shot(files, stage2_dir, tmp_path):
     sources = [*gpu_sources(files)[:5], InstructionSource("toyworld", "toyworld"),
                *[s for s in gpu_sources(files) if s.name == "gqa"]]
-    config = InstructConfig(world=WORLD, stage2=str(stage2_dir), sources=tuple(sources), eval_examples_per_task=2,
+    config = InstructConfig(world=WORLD, stage2=str(stage2_dir), sources=tuple(sources),
                             optim=from_dict(InstructConfig, {"optim": {"max_steps": 12, "batch_size": 8,
                                                                        "warmup_steps": 2}}).optim)
     toy = generate_split(WORLD, "clean")[:12]
