@@ -132,10 +132,10 @@ class Gateway:
                 await asyncio.sleep(0.2 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    async def _events(self, request: GenerationRequest, resend: bool) -> AsyncIterator[TokenEvent]:
-        """A generation's token events from the model deployment. A request whose replica died is sent
-        again to a live one if no event had arrived yet, or if ``resend`` (its events went nowhere but
-        here: a plain answer); else a 503 ``replica_lost`` ends it (its text was partly sent)."""
+    async def _events(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """A streamed generation's events from the model deployment. A request whose replica died is
+        sent again to a live one if no event had arrived yet; else a 503 ``replica_lost`` ends it (its
+        text was partly sent)."""
         for attempt in range(self.config.http.retries + 1):
             stream = self.model.options(stream=True).generate_stream.remote(request)
             received = False
@@ -145,7 +145,7 @@ class Gateway:
                     yield item
                 return
             except (RayActorError, ActorUnavailableError, ReplicaUnavailableError) as error:
-                if received and not resend:
+                if received:
                     raise RequestError(503, "replica_lost", f"the model replica was lost mid-answer: {error}") from None
                 if attempt == self.config.http.retries:
                     raise RequestError(503, "replica_unavailable", f"no model replica could answer: {error}") from None
@@ -154,28 +154,26 @@ class Gateway:
                 stream.cancel()  # no-op once it has ended; else (the client went away) the replica drops it
 
     async def _generate(self, request: GenerationRequest) -> GenerationResult:
-        """A whole generation (from the running decode batch, or @serve.batch)."""
-        async for item in self._events(request, resend=True):
-            if item.result is not None:
-                return item.result
-        raise RequestError(503, "replica_unavailable", "the model stream ended without a result")
+        """A whole generation (from the running decode batch, or @serve.batch): one call, no events."""
+        return await self._call("generate_text", request)
 
     async def _stream(self, request: GenerationRequest, chunks: TextChunks | ChatChunks) -> StreamingResponse:
         """Server-sent events of a generation. The first event is awaited here, so a request that no
         replica could start is still a plain 503 JSON error; later failures end the stream with an
         error event."""
-        events = self._events(request, resend=False)
+        events = self._events(request)
         first = await anext(events)
 
         async def frames() -> AsyncIterator[str]:
+            def frame(token_event: TokenEvent, items: list) -> str:  # one write per model event (a hop)
+                return "".join(event(item) for item in items) + (DONE if token_event.result is not None else "")
+
             try:
-                for item in [*chunks.start(), *chunks(first)]:
-                    yield event(item)
+                yield frame(first, [*chunks.start(), *chunks(first)])
                 if first.result is None:
                     async for token_event in events:
-                        for item in chunks(token_event):
-                            yield event(item)
-                yield DONE
+                        if text := frame(token_event, chunks(token_event)):
+                            yield text
             except RequestError as error:
                 yield error_event(error)
             except Exception as error:  # noqa: BLE001 - the client sees why its stream stopped

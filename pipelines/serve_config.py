@@ -38,6 +38,9 @@ class ReplicaSettings:
     batching: str = "continuous"  # captions and answers: "continuous" (iteration-level) or "serve_batch"
     max_batch_size: int = 16  # requests decoded together (continuous), or per @serve.batch call
     batch_wait_timeout_s: float = 0.01  # @serve.batch: how long a batch waits to fill
+    join_group: int = 4  # continuous: while others decode, newcomers join (are prefilled) this many at once...
+    join_wait_steps: int = 4  # ... or after waiting this many decode steps
+    stream_interval_s: float = 0.05  # continuous: streamed text after the first piece leaves at most this often
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
     graceful_shutdown_timeout_s: float = 20.0  # a replica being removed finishes its requests for this long
@@ -47,8 +50,10 @@ class ReplicaSettings:
             raise ValueError("num_cpus and num_gpus must be >= 0, torch_threads >= 1")
         if not 1 <= self.max_batch_size <= self.max_ongoing_requests:
             raise ValueError("max_batch_size must be in [1, max_ongoing_requests]")
-        if self.batch_wait_timeout_s < 0:
-            raise ValueError("batch_wait_timeout_s must be >= 0")
+        if self.batch_wait_timeout_s < 0 or self.stream_interval_s < 0:
+            raise ValueError("batch_wait_timeout_s and stream_interval_s must be >= 0")
+        if self.join_group < 1 or self.join_wait_steps < 0:
+            raise ValueError("join_group must be >= 1 and join_wait_steps >= 0")
         if self.batching not in BATCHING:
             raise ValueError(f"replica.batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
 

@@ -8,7 +8,9 @@ what matching and embeddings always use.
 """
 
 import asyncio
+import contextlib
 import threading
+from dataclasses import dataclass
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,6 +24,27 @@ from blip2.serving.runtime import EmbedResult, GenerationResult, MatchResult, lo
 from pipelines.common import quiet_progress_bars
 from pipelines.serve_config import ServeConfig
 
+
+
+@dataclass
+class _Sink:
+    """Where a request's events go: a queue read on the event loop that serves the request."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    finished: bool = False  # its last event was taken
+
+    def take(self, item: TokenEvent | Exception) -> TokenEvent:
+        """An event read from the queue (an error of the decode loop is raised here)."""
+        if isinstance(item, Exception):
+            raise item
+        self.finished = item.result is not None
+        return item
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)
 
 
 @serve.deployment
@@ -46,13 +69,17 @@ class VisionLanguageModel:
         self.runtime.health_check()
         self.decoder = None
         if config.replica.batching == "continuous":
-            self.decoder = ContinuousDecoder(self.runtime, config.replica.max_batch_size)
-            self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-            self._streams_lock = threading.Lock()  # a request's queue exists before its first event
+            replica = config.replica
+            self.decoder = ContinuousDecoder(self.runtime, replica.max_batch_size, replica.join_group,
+                                             replica.join_wait_steps)
+            self.stream_interval_s = replica.stream_interval_s
+            self._sinks: dict[int, _Sink] = {}
+            self._sinks_lock = threading.Lock()  # a request's sink exists before its first event
             self._wake = threading.Event()
             threading.Thread(target=self._decode_loop, name="decode-loop", daemon=True).start()
 
-    # -- continuous batching: a thread steps the decoder and hands each event to its request's queue --
+    # -- continuous batching: a thread steps the decoder; each step's events go to their requests' ------
+    # -- queues in one call per event loop, so a step never waits on the requests' consumers       ------
 
     def _decode_loop(self) -> None:
         while True:
@@ -63,53 +90,92 @@ class VisionLanguageModel:
             try:
                 events: list[TokenEvent | Exception] = self.decoder.step()
             except Exception as error:  # noqa: BLE001 - fail the requests in flight, keep serving new ones
-                self.decoder = ContinuousDecoder(self.runtime, self.decoder.max_batch_size)
-                with self._streams_lock:
-                    failed = list(self._streams)
+                old = self.decoder
+                self.decoder = ContinuousDecoder(self.runtime, old.max_batch_size, old.join_group, old.join_wait_steps)
+                with self._sinks_lock:
+                    failed = list(self._sinks)
                 self._deliver([(i, error) for i in failed])
                 continue
             self._deliver([(e.request_id, e) for e in events])
 
     def _deliver(self, items: list[tuple[int, TokenEvent | Exception]]) -> None:
-        with self._streams_lock:
-            targets = [(self._streams.get(i), item) for i, item in items]
-        for target, item in targets:
-            if target is not None:  # else: cancelled meanwhile
-                loop, queue = target
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, TokenEvent | Exception]]] = {}
+        with self._sinks_lock:
+            for request_id, item in items:
+                sink = self._sinks.get(request_id)
+                if sink is not None:  # else: cancelled meanwhile
+                    by_loop.setdefault(sink.loop, []).append((sink.queue, item))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
+
+    @contextlib.asynccontextmanager
+    async def _submitted(self, request: GenerationRequest, stream: bool) -> AsyncIterator[_Sink]:
+        """``request`` in the decode loop, its events arriving on the sink's queue; leaving before its
+        last event (the client went away) cancels it."""
+        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
+        with self._sinks_lock:
+            request_id = self.decoder.submit(request, stream=stream)
+            self._sinks[request_id] = sink
+        self._wake.set()
+        try:
+            yield sink
+        finally:
+            with self._sinks_lock:
+                del self._sinks[request_id]
+            if not sink.finished:
+                self.decoder.cancel(request_id)
+
+    async def generate_text(self, request: GenerationRequest) -> GenerationResult:
+        """A whole caption or answer: from the running decode batch, which sends this request no event
+        before its last (nothing per token crosses to the ingress), or from @serve.batch."""
+        if self.decoder is None:
+            return await self.generate(request)
+        if not supports(request.params):  # beam search: beside the decode batch, in a thread of its own
+            return (await asyncio.to_thread(self.runtime.generate, [request]))[0]
+        async with self._submitted(request, stream=False) as sink:
+            return sink.take(await sink.queue.get()).result
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """The request's token events as they are decoded (one event with the whole text under
-        ``serve_batch``, and for beam search). Closing the stream (the client went away) cancels it."""
+        """The request's text as it is decoded (one event with the whole text under ``serve_batch``,
+        and for beam search). The first piece of text and the last event leave at once; pieces in
+        between leave at most every ``replica.stream_interval_s``, each holding every token decoded
+        since the one before (each event is a hop through Ray and the HTTP proxy, which a replica
+        decoding 16 requests cannot pay per token). Closing the stream (the client went away) cancels
+        the request."""
         if self.decoder is None or not supports(request.params):
-            result = (await self.generate(request) if self.decoder is None
-                      else (await asyncio.to_thread(self.runtime.generate, [request]))[0])
+            result = await self.generate_text(request)
             yield TokenEvent(0, result.text, result)
             return
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._streams_lock:
-            request_id = self.decoder.submit(request)
-            self._streams[request_id] = (asyncio.get_running_loop(), queue)
-        self._wake.set()
-        finished = False
-        try:
-            while not finished:
-                item = await queue.get()
-                while not isinstance(item, Exception) and item.result is None and not queue.empty():
-                    # Tokens that piled up while this stream waited leave as one event: each event costs
-                    # a hop through Ray and the proxy, which a busy replica cannot pay per token.
-                    later = queue.get_nowait()
-                    item = later if isinstance(later, Exception) else TokenEvent(
-                        request_id, item.text + later.text, later.result)
-                if isinstance(item, Exception):
-                    raise item
-                finished = item.result is not None
-                yield item
-        finally:
-            with self._streams_lock:
-                del self._streams[request_id]
-            if not finished:
-                self.decoder.cancel(request_id)
+        loop = asyncio.get_running_loop()
+        async with self._submitted(request, stream=True) as sink:
+            pending: TokenEvent | None = None  # decoded, not sent yet
+            sent_text, last_sent = False, 0.0
+            while True:
+                if pending is not None and pending.text and sent_text:  # the next piece is due at a time
+                    try:
+                        item = await asyncio.wait_for(sink.queue.get(),
+                                                      max(0.0, last_sent + self.stream_interval_s - loop.time()))
+                    except TimeoutError:
+                        item = None
+                else:
+                    item = await sink.queue.get()
+                if item is not None:
+                    item = sink.take(item)
+                    pending = item if pending is None else TokenEvent(item.request_id, pending.text + item.text,
+                                                                      item.result)
+                if (item is None or pending.result is not None
+                        or pending.text and (not sent_text or loop.time() >= last_sent + self.stream_interval_s)):
+                    yield pending
+                    if pending.result is not None:
+                        return
+                    sent_text, last_sent, pending = sent_text or bool(pending.text), loop.time(), None
+
+    def decoder_stats(self) -> dict[str, int]:
+        """Requests decoding now, waiting to join, and cancelled so far (their clients went away)."""
+        if self.decoder is None:
+            return {}
+        return {"running": len(self.decoder.running), "waiting": len(self.decoder._waiting),
+                "cancelled": self.decoder.cancelled}
 
     # -- @serve.batch: model calls run in a worker thread so that the event loop queues the next batch --
 

@@ -11,7 +11,11 @@ in older transformers):
    encoder and the Q-Former (with the instruction, for InstructBLIP) run once on the newcomers' images,
    the projected queries replace the ``<image>`` tokens of their prompts, and one LLM forward over that
    prompt gives each its first token and its cache. The newcomers' cache is then stacked under the
-   running one: the shorter of the two is left-padded with masked positions.
+   running one: the shorter of the two is left-padded with masked positions. A prefill has a large
+   fixed cost (three model calls, whatever their batch), and every running request waits for it: so
+   while others decode, newcomers join in groups of ``join_group`` or after ``join_wait_steps`` steps
+   (measured on the larger toy preset, one thread, 16 requests in flight: one prefill costs about as
+   much as a step of 16 rows, and joining one by one spends about a third of the time prefilling).
 2. **Step.** One LLM forward of one token per running request. A decoder-only LLM (OPT) numbers
    positions from its attention mask, and an encoder-decoder one (T5) reads only distances between
    positions, so the padding a request gets from its batch-mates changes neither its positions nor
@@ -24,7 +28,9 @@ in older transformers):
 Decoding per request: greedy, or sampling (``temperature``, ``top_p``) from the request's own
 generator, seeded with its ``seed``, so a sample does not depend on its batch-mates; ``min_new_tokens``
 holds back the end of sequence. Beam search and repetition penalties are not iteration-level: callers
-send those requests to :meth:`VisionLanguageRuntime.generate` (``supports`` says which).
+send those requests to :meth:`VisionLanguageRuntime.generate` (``supports`` says which), which may run
+in another thread while this loop steps: a step does not take the runtime's lock, so a long beam search
+slows the batch (they share the processor) but does not stop it.
 
 Not thread-safe on its own: one thread calls :meth:`step`; :meth:`submit` and :meth:`cancel` may be
 called from any thread (they only touch a locked queue).
@@ -67,6 +73,7 @@ class _Sequence:
     request: GenerationRequest
     prompt_ids: list[int]  # the LLM prompt (without the query positions)
     generator: torch.Generator | None  # sampling only
+    stream: bool = True  # an event every step (else only the last, with the whole text)
     tokens: list[int] = field(default_factory=list)
     sent: str = ""  # text handed out so far
 
@@ -83,11 +90,17 @@ def supports(params: GenerationParams) -> bool:
 class ContinuousDecoder:
     """The decode loop over one runtime's generative model (see the module docstring)."""
 
-    def __init__(self, runtime: VisionLanguageRuntime, max_batch_size: int = 16) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    def __init__(self, runtime: VisionLanguageRuntime, max_batch_size: int = 16, join_group: int = 1,
+                 join_wait_steps: int = 0) -> None:
+        if max_batch_size < 1 or join_group < 1 or join_wait_steps < 0:
+            raise ValueError(f"need max_batch_size >= 1, join_group >= 1, join_wait_steps >= 0; got "
+                             f"{max_batch_size}, {join_group}, {join_wait_steps}")
         self.runtime = runtime
         self.max_batch_size = max_batch_size
+        self.join_group = join_group
+        self.join_wait_steps = join_wait_steps
+        self._held_steps = 0  # steps the oldest waiting request has been held back while others decode
+        self.cancelled = 0  # requests dropped by cancel() before they finished
         self.model = unwrap(runtime.bundle.model)
         self.llm = self.model.language_model
         self.tokenizer = runtime.bundle.tokenizer
@@ -106,8 +119,9 @@ class ContinuousDecoder:
 
     # -- the queue (any thread) ---------------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest) -> int:
-        """Queue ``request``; it joins the batch at the next step. Its id names its events."""
+    def submit(self, request: GenerationRequest, stream: bool = True) -> int:
+        """Queue ``request``; it joins the batch at a coming step (see :meth:`_may_join`). Its id names
+        its events: one per step it decodes if ``stream``, else only its last (its text decoded once)."""
         if not supports(request.params):
             raise ValueError("beam search and repetition penalties are not decoded step by step: "
                              "use the runtime's generate")
@@ -118,8 +132,11 @@ class ContinuousDecoder:
         generator = None
         if request.params.do_sample:
             generator = torch.Generator(device=runtime.device)
-            generator.manual_seed(request.seed if request.seed is not None else torch.seed())
-        sequence = _Sequence(next(self._ids), request, prompt_ids, generator)
+            if request.seed is not None:
+                generator.manual_seed(request.seed)
+            else:
+                generator.seed()  # a fresh seed, without reseeding torch's global generator
+        sequence = _Sequence(next(self._ids), request, prompt_ids, generator, stream)
         with self._queue_lock:
             self._waiting.append(sequence)
         return sequence.id
@@ -139,17 +156,37 @@ class ContinuousDecoder:
         """Admit waiting requests, decode one token for every running one; the events of this step."""
         with self._queue_lock:
             cancelled, self._cancelled = self._cancelled, set()
-            self._waiting = [s for s in self._waiting if s.id not in cancelled]
-            room = self.max_batch_size - len(self.running)
-            joiners, self._waiting = self._waiting[:room], self._waiting[room:]
-        self._drop([i for i, s in enumerate(self.running) if s.id in cancelled])
+            waiting = [s for s in self._waiting if s.id not in cancelled]
+            self.cancelled += len(self._waiting) - len(waiting)
+            self._waiting = waiting
+        dropped = [i for i, s in enumerate(self.running) if s.id in cancelled]
+        self.cancelled += len(dropped)
+        self._drop(dropped)
+        with self._queue_lock:
+            joiners = self._joiners()
         events: list[TokenEvent] = []
-        with self.runtime.lock, torch.no_grad():
+        # Not under the runtime's lock: requests decoded outside the batch (beam search) run beside it.
+        with torch.no_grad():
             if self.running:
                 events += self._advance(self._decode_step())
             if joiners:
                 events += self._admit(joiners)
         return events
+
+    def _joiners(self) -> list[_Sequence]:
+        """The waiting requests that join now (under the queue lock). Prefilling one costs about as
+        much as several (the vision encoder, Q-Former and LLM calls have a fixed cost per call), and
+        every running request waits for it; so while others decode, waiting requests join in groups of
+        ``join_group``, or after ``join_wait_steps`` steps. With nothing running they join at once."""
+        room = self.max_batch_size - len(self.running)
+        if not self._waiting or room <= 0:
+            return []
+        if self.running and len(self._waiting) < self.join_group and self._held_steps < self.join_wait_steps:
+            self._held_steps += 1
+            return []
+        joiners, self._waiting = self._waiting[:room], self._waiting[room:]
+        self._held_steps = 0
+        return joiners
 
     def _admit(self, joiners: list[_Sequence]) -> list[TokenEvent]:
         """Prefill the joiners, pick their first tokens, stack them under the running batch."""
@@ -227,7 +264,8 @@ class ContinuousDecoder:
             sequence.tokens.append(token)
             stopped = token == self.eos
             done = stopped or len(sequence.tokens) >= sequence.params.max_new_tokens
-            events.append(self._event(sequence, stopped if done else None))
+            if sequence.stream or done:
+                events.append(self._event(sequence, stopped if done else None))
             if done:
                 finished.append(first_row + offset)
         self._drop(finished)

@@ -2,6 +2,8 @@
 steps, with prompts and lengths of their own, decode exactly as each does alone; sampling follows each
 request's seed whatever its batch-mates; a cancelled request leaves without disturbing the others."""
 
+import threading
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -102,6 +104,79 @@ def test_a_cancelled_request_leaves_and_the_others_are_unchanged():
     assert len(seen[ids[1]]) == 3 and seen[ids[1]][-1].result is None  # no event after the cancel
     for i, request in zip((ids[0], ids[2]), (requests[0], requests[2])):
         assert seen[i][-1].result == runtime.generate([request])[0]
+
+
+def test_newcomers_join_in_groups_while_others_decode_and_still_decode_as_alone():
+    """join_group 2, join_wait_steps 3: a lone newcomer waits (at most 3 steps) while others decode; two
+    waiting join at once; with nothing running a newcomer joins at once. Greedy output is unchanged."""
+    runtime = load_runtime("toy-instruct-opt")
+    images = toy_images(4)
+    forced = GenerationParams(max_new_tokens=12, min_new_tokens=12)
+    requests = [GenerationRequest(image, "what shape?", forced) for image in images]
+    decoder = ContinuousDecoder(runtime, max_batch_size=4, join_group=2, join_wait_steps=3)
+    first_step: dict[int, int] = {}
+    events: dict[int, list] = {}
+    plan = {0: [0], 1: [1], 6: [2, 3]}  # step -> requests submitted before it
+    step, ids = 0, {}
+    while step <= max(plan) or decoder.has_work():
+        for index in plan.get(step, []):
+            ids[decoder.submit(requests[index])] = index
+        for event in decoder.step():
+            first_step.setdefault(ids[event.request_id], step)
+            events.setdefault(ids[event.request_id], []).append(event)
+        step += 1
+    assert first_step == {0: 0, 1: 4, 2: 6, 3: 6}  # alone: at once; one waiting: 3 steps; two: together
+    for index, request in enumerate(requests):
+        assert events[index][-1].result == runtime.generate([request])[0]
+        assert "".join(e.text for e in events[index]) == events[index][-1].result.text
+
+
+def test_a_request_not_streamed_gets_one_event_with_its_whole_text():
+    runtime = load_runtime("toy-opt")
+    request = GenerationRequest(toy_images(1)[0], None, GenerationParams(max_new_tokens=8, min_new_tokens=8))
+    decoder = ContinuousDecoder(runtime)
+    decoder.submit(request, stream=False)
+    events = []
+    while decoder.has_work():
+        events += decoder.step()
+    assert len(events) == 1 and events[0].result == runtime.generate([request])[0]
+    assert events[0].text == events[0].result.text
+
+
+def test_a_step_runs_while_the_runtime_is_busy_outside_the_batch():
+    """Beam search runs through runtime.generate, under the runtime's lock, in another thread: the
+    decode batch keeps stepping meanwhile (here the lock is simply held during a whole decode)."""
+    runtime = load_runtime("toy-opt")
+    request = GenerationRequest(toy_images(1)[0], None, GenerationParams(max_new_tokens=6, min_new_tokens=6))
+    decoder = ContinuousDecoder(runtime)
+    decoder.submit(request)
+    results = []
+    with runtime.lock:
+        worker = threading.Thread(target=lambda: results.extend(
+            e.result for _ in range(6) for e in decoder.step() if e.result is not None))
+        worker.start()
+        worker.join(timeout=60)
+        assert not worker.is_alive(), "a decode step waited for the runtime's lock"
+    assert results == runtime.generate([request])
+
+
+def test_cancelled_requests_are_counted_once_whether_waiting_or_running():
+    runtime = load_runtime("toy-opt")
+    images = toy_images(3)
+    forced = GenerationParams(max_new_tokens=10, min_new_tokens=10)
+    decoder = ContinuousDecoder(runtime, max_batch_size=1)
+    running, waiting, finished = (decoder.submit(GenerationRequest(i, None, forced)) for i in images)
+    decoder.step()
+    decoder.cancel(running)
+    decoder.cancel(waiting)
+    decoder.cancel(running)
+    decoder.step()
+    assert decoder.cancelled == 2 and [s.id for s in decoder.running] == [finished]
+    while decoder.has_work():
+        decoder.step()
+    decoder.cancel(finished)  # too late: it had finished
+    decoder.step()
+    assert decoder.cancelled == 2
 
 
 def test_beam_search_is_not_decoded_step_by_step():

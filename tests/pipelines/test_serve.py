@@ -30,6 +30,7 @@ TEST_OVERRIDES = [
     "autoscaling.upscale_delay_s=0.5", "autoscaling.downscale_delay_s=2", "autoscaling.metrics_interval_s=0.2",
     "autoscaling.look_back_period_s=1", "http.ingress_num_cpus=0.1", f"http.max_body_bytes={MAX_BODY}",
     "limits.max_image_pixels=1000000", "limits.max_new_tokens=16", "limits.default_max_new_tokens=6",
+    "replica.stream_interval_s=0",  # a piece of text per token: the streaming tests see pieces even on the toy
 ]
 
 
@@ -360,33 +361,86 @@ def test_a_replica_killed_mid_load_fails_at_most_one_percent(server):
     assert killed[0] not in names
 
 
-@pytest.mark.slow
-def test_a_replica_killed_mid_stream_ends_the_stream_with_an_error_event(server):
-    """After text was sent, a lost replica is an error event, not a retry that would send text twice.
-    The larger preset and 48 forced tokens give the kill time to land mid-answer."""
-    import ray
+LARGE_INTERVAL_S = 0.1
+
+
+@pytest.fixture(scope="module")
+def large_app(server):
+    """An app of the larger preset, one replica, answers forced to 48 tokens: long enough (hundreds of
+    ms) for a disconnect or a kill to land mid-answer."""
     from ray import serve
 
     client, _ = server
     config = load_config(ServeConfig, CONFIG_DIR / "serve_toy.yaml", [
         *TEST_OVERRIDES, "model.source=toy-instruct-opt-large", "model.retrieval=", "replica.num_cpus=0.25",
-        "autoscaling.max_replicas=1", "limits.max_new_tokens=48", f"http.port={client.base_url.port}"])
-    serve.run(application(config), name="midstream", route_prefix="/midstream")
-    try:
-        body = {"image": b64(png()), "instruction": "what shape?", "max_new_tokens": 48, "min_new_tokens": 48,
-                "stream": True}
-        with client.stream("POST", "/midstream/v1/answer", json=body) as response:
-            lines = (line for line in response.iter_lines() if line)
-            first = next(lines)
-            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                     if "midstream" in a["name"] and "VisionLanguageModel" in a["name"]]
-            ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
-            rest = list(lines)
-        events = [json.loads(line[len("data: "):]) for line in [first, *rest]]
-        assert rest[-1] != "data: [DONE]" and events[-1]["error"]["code"] == "replica_lost", events[-1]
-        assert 0 < len("".join(e["answer"] for e in events[:-1])) and all("usage" not in e for e in events[:-1])
-    finally:
-        serve.delete("midstream")
+        "autoscaling.max_replicas=1", "limits.max_new_tokens=48", f"replica.stream_interval_s={LARGE_INTERVAL_S}",
+        f"http.port={client.base_url.port}"])
+    serve.run(application(config), name="large", route_prefix="/large")
+    yield client, "/large"
+    serve.delete("large")
+
+
+def long_answer(color: tuple[int, int, int], stream: bool) -> dict:
+    return {"image": b64(png(color)), "instruction": "what shape?", "max_new_tokens": 48, "min_new_tokens": 48,
+            "stream": stream}
+
+
+@pytest.mark.slow
+def test_a_client_gone_mid_stream_leaves_the_decode_batch_and_the_others_finish(large_app):
+    """A streaming client closes its connection after its first piece of text: its request leaves the
+    replica's decode batch (counted as cancelled before it finished) while three others decoding beside
+    it finish, each with the answer it gets alone."""
+    from ray import serve
+
+    client, prefix = large_app
+    colors = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+    alone = [client.post(f"{prefix}/v1/answer", json=long_answer(c, False)).json()["answer"] for c in colors]
+    model = serve.get_deployment_handle("VisionLanguageModel", app_name="large")
+    before = model.decoder_stats.remote().result()
+
+    async def streamed(http: httpx.AsyncClient, body: dict, leave_early: bool) -> tuple[list, float]:
+        events, start = [], time.perf_counter()
+        async with http.stream("POST", f"{prefix}/v1/answer", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line[len("data: "):])
+                    if leave_early and events[-1] != "[DONE]" and json.loads(events[-1])["answer"]:
+                        break  # leaving the block closes the connection mid-answer
+        return events, time.perf_counter() - start
+
+    async def together() -> list[list]:
+        async with httpx.AsyncClient(base_url=str(client.base_url), timeout=60) as http:
+            return await asyncio.gather(streamed(http, long_answer((120, 120, 30), True), True),
+                                        *(streamed(http, long_answer(c, True), False) for c in colors))
+
+    (gone, _), *others = asyncio.run(together())
+    wait_for(lambda: model.decoder_stats.remote().result()["running"] == 0, 30, "the decode batch to empty")
+    after = model.decoder_stats.remote().result()
+    assert len(gone) == 1 and after["cancelled"] == before["cancelled"] + 1, (gone, before, after)
+    for (events, seconds), expected in zip(others, alone, strict=True):
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert events[-1] == "[DONE]" and chunks[-1]["usage"]["completion_tokens"] == 48
+        assert "".join(c["answer"] for c in chunks) == expected
+        # Pieces after the first leave at most every stream_interval_s (48 tokens, far fewer events).
+        assert len(chunks) <= 2 + seconds / LARGE_INTERVAL_S, (len(chunks), seconds)
+
+
+@pytest.mark.slow
+def test_a_replica_killed_mid_stream_ends_the_stream_with_an_error_event(large_app):
+    """After text was sent, a lost replica is an error event, not a retry that would send text twice."""
+    import ray
+
+    client, prefix = large_app
+    with client.stream("POST", f"{prefix}/v1/answer", json=long_answer((200, 30, 30), True)) as response:
+        lines = (line for line in response.iter_lines() if line)
+        first = next(lines)
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if "large" in a["name"] and "VisionLanguageModel" in a["name"]]
+        ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+        rest = list(lines)
+    events = [json.loads(line[len("data: "):]) for line in [first, *rest]]
+    assert rest[-1] != "data: [DONE]" and events[-1]["error"]["code"] == "replica_lost", events[-1]
+    assert 0 < len("".join(e["answer"] for e in events[:-1])) and all("usage" not in e for e in events[:-1])
 
 
 def test_the_job_entrypoint_deploys_checks_and_removes_its_app(server, capsys):
