@@ -30,6 +30,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import platform
 import socket
 import statistics
@@ -154,11 +155,12 @@ def measure_apps(urls: dict[str, str], bodies: list[dict], requests: int, rounds
                     pooled[name][key] += raw[key]
                 for key in ("tokens", "errors", "elapsed"):
                     pooled[name][key] += raw[key]
+        load = os.getloadavg()[0]  # the machine is shared: each figure with the load it was measured under
         for name in urls:
-            s = results[name][str(concurrency)] = summarise(pooled[name])
+            s = results[name][str(concurrency)] = {**summarise(pooled[name]), "load_1min": load}
             print(f"  {name:11s} concurrency {concurrency:2d}: {s['requests_per_s']:6.1f} req/s "
                   f"{s['tokens_per_s']:7.1f} tok/s  p50 {s['p50_ms']:7.1f} ms  p99 {s['p99_ms']:7.1f} ms  "
-                  f"first token p50 {s['ttft_p50_ms']:6.1f} ms  errors {s['errors']}", flush=True)
+                  f"first token p50 {s['ttft_p50_ms']:6.1f} ms  errors {s['errors']}  load {load:.1f}", flush=True)
     return results
 
 
@@ -215,7 +217,8 @@ def measure_preset(preset: str, port: int, args: argparse.Namespace, images: lis
         config = load_config(ServeConfig, CONFIG_DIR / "serve_toy.yaml", [*overrides, *arms[name], f"http.app_name={app}"])
         serve.run(application(config), name=app, route_prefix=f"/{app}")
         urls[name] = f"http://127.0.0.1:{port}/{app}/v1/answer"
-    print(f"{preset}: three apps up; {args.rounds} alternating rounds", flush=True)
+    print(f"{preset}: three apps up; {args.rounds} alternating rounds; load average {os.getloadavg()[0]:.1f}", flush=True)
+    load_start = os.getloadavg()[0]
     try:
         bodies = request_bodies(images, 256, args.lengths)
         result = {"apps": measure_apps(urls, bodies, args.requests, args.rounds, args.concurrency)}
@@ -228,6 +231,7 @@ def measure_preset(preset: str, port: int, args: argparse.Namespace, images: lis
     finally:
         for name in APPS:
             serve.delete(f"{preset}-{name}")
+    result["load_1min"] = {"start": load_start, "end": os.getloadavg()[0]}
     apps = result["apps"]
     result["http_p50_ms"] = apps["batch1"]["1"]["p50_ms"] if "1" in apps["batch1"] else float("nan")
     result["http_overhead_p50_ms"] = result["http_p50_ms"] - result["direct_p50_ms"]
@@ -244,7 +248,8 @@ def measure_preset(preset: str, port: int, args: argparse.Namespace, images: lis
           f"p99 continuous / @serve.batch {result['p99_continuous_over_serve_batch']:.2f} (goal <= 1); "
           f"{args.lengths[1]}-token answers at concurrency 1: first token at "
           f"{result['first_token']['ratio']:.0%} of the response (goal < 30%); "
-          f"HTTP overhead p50 {result['http_overhead_p50_ms']:.1f} ms", flush=True)
+          f"HTTP overhead p50 {result['http_overhead_p50_ms']:.1f} ms; load average {load_start:.1f} -> "
+          f"{result['load_1min']['end']:.1f}", flush=True)
     return result
 
 

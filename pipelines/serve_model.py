@@ -1,10 +1,12 @@
 """The model deployment of the serving app: one replica holds one loaded model.
 
 Captions and answers are generated with continuous batching (``replica.batching: continuous``): a
-thread steps :class:`blip2.serving.decoding.ContinuousDecoder` while any request is in flight, and each
-request's tokens go to its stream as they are decoded. With ``replica.batching: serve_batch`` they go
-through ``@serve.batch`` (whole requests batched, the text sent when its batch is done), which is also
-what matching and embeddings always use.
+thread steps :class:`blip2.serving.decoding.ContinuousDecoder` while any request is in flight; a
+streamed request's text goes to its stream as it is decoded (``generate_stream``), a plain one gets
+its answer in one piece (``generate_text``). Beam search, which is not decoded step by step, runs in a
+thread of its own beside the decode loop. With ``replica.batching: serve_batch`` captions and answers
+go through ``@serve.batch`` (whole requests batched, the text sent when its batch is done), which is
+also what matching and embeddings always use.
 """
 
 import asyncio
