@@ -27,7 +27,10 @@ def tiny(out, port) -> list[str]:
             "world.novel_size=10", "world.shard_size=64", f"serve.http.port={port}", "requests=2",
             "serve.replica.num_cpus=0.5", "serve.http.ingress_num_cpus=0.1", "bootstrap_captioner.eval=[{task: coco_captions, split: test, limit: 8}]",
             "stage2.eval=[{task: coco_captions, split: test, limit: 8}]",
-            "instruct.eval=[{task: vqav2, split: test, limit: 12}]"]
+            "instruct.eval=[{task: vqav2, split: test, limit: 12}]",
+            # stage 1's three runs on test only (the toy config adds novel): each set starts its own actors
+            "bootstrap_filter.eval=[{task: coco_retrieval, split: test, limit: 100}]",
+            "stage1.eval=[{task: coco_retrieval, split: test, limit: 100}]"]
     for section, steps in TRAIN_STEPS.items():
         args += [f"{section}.optim.max_steps={steps}", f"{section}.optim.warmup_steps=1",
                  f"{section}.optim.batch_size=16", f"{section}.checkpoint_every={steps}",
