@@ -156,7 +156,8 @@ def _train(stage: str, config: TrainConfig) -> dict:
     output = train.fit(stage, config)
     report = json.loads((output / "report.json").read_text())
     return {"output": str(output), "model": str(output / "model"), "steps": report["steps"],
-            "samples_per_s": report["samples_per_s"], "headline": report["headline"], "eval": report["eval"]}
+            "samples_per_s": report["samples_per_s"], "headline": report["headline"], "eval": report["eval"],
+            "goodput": report["time_split"]["goodput"], "time_split": report["time_split"]["seconds"]}
 
 
 def run(config: DemoConfig) -> dict:

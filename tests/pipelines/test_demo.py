@@ -1,25 +1,21 @@
-"""`blip2 demo`, the README's main command, end to end on a real local Ray instance: a small world and
-tiny budgets, every step for real (Ray Data audit and CapFilt, five Ray Train runs, Ray Serve over HTTP),
-then a re-run that reuses what is done and redoes only what a changed config touches."""
+"""`blip2 demo`, the README's main command, end to end: a small world and tiny budgets, every step for
+real (Ray Data audit and CapFilt, five Ray Train runs, Ray Serve over HTTP). The whole workflow runs once,
+submitted to a real cluster (``ray job submit --working-dir .`` to the session's ``ray start --head``);
+then a re-run in this process, on the session's local Ray instance, reuses what is done and redoes only
+what a changed config touches (one run of each kind: the whole workflow is the suite's costliest test)."""
 
 import json
-import socket
 
 import pytest
 from transformers import Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration
 
 from pipelines import demo
 from pipelines.serve import serve_is_running
+from tests.pipelines.conftest import free_port, submit
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 TRAIN_STEPS = {"bootstrap_filter": 4, "bootstrap_captioner": 3, "stage1": 4, "stage2": 3, "instruct": 3}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tiny(out, port) -> list[str]:
@@ -38,11 +34,12 @@ def tiny(out, port) -> list[str]:
     return args
 
 
-def test_demo_runs_from_corpus_to_served_endpoint_and_reuses_its_steps(tmp_path, ray_local, capsys):
+@pytest.mark.timeout(1500)  # the whole workflow, then its re-run: the two 900 s tests it replaces, in one
+def test_demo_submitted_runs_from_corpus_to_served_endpoint_then_reuses_its_steps_in_process(
+        tmp_path, head, ray_local, capsys):
     out = tmp_path / "demo"
     args = tiny(out, free_port())
-    assert demo.main(args) == 0
-    printed = capsys.readouterr().out
+    printed = submit(head, "python", "-m", "pipelines.demo", *args, timeout=1200)  # its output reaches `ray job submit`
     report = json.loads((out / "report.json").read_text())
     results = report["results"]
 
@@ -72,14 +69,19 @@ def test_demo_runs_from_corpus_to_served_endpoint_and_reuses_its_steps(tmp_path,
     assert report["reused"] == []
     record = json.loads((out / "demo_run.json").read_text())  # the run's record, the README's schema
     assert record["lines"] == demo.results_lines(report)[2:] and record["reused"] == [] and record["wall_seconds"] > 0
-    assert "demo done: " in printed.splitlines()[-1]
-    assert not serve_is_running()  # the demo started Serve, so it shut it down (a later app may want its own port)
+    assert "demo done: " in printed
+    for name in ("bootstrap_filter", "stage1", "stage2", "instruct"):  # each training job's time split
+        assert results[name]["goodput"]["step_samples_per_s"] > 0
 
-    # Again with one budget changed: only instruction tuning (and the checks that always run) runs again.
+    # Again, in this process, with one budget changed: only instruction tuning (and the checks that always
+    # run) runs again.
     args = [a for a in args if not a.startswith("instruct.optim.max_steps=")] + ["instruct.optim.max_steps=2"]
     assert demo.main(args) == 0
+    printed = capsys.readouterr().out
     again = json.loads((out / "report.json").read_text())
     assert set(again["reused"]) == set(report["seconds"]) - {"instruct", "backbones", "serve"}
     assert again["results"]["instruct"]["steps"] == 2
     assert again["results"]["stage1"] == results["stage1"]
-    assert "reusing" in capsys.readouterr().out
+    assert "reusing" in printed and "demo done: " in printed.splitlines()[-1]
+    assert again["results"]["serve"]["images"] == 2
+    assert not serve_is_running()  # the demo started Serve, so it shut it down (a later app may want its own port)

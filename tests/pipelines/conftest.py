@@ -1,0 +1,63 @@
+"""The one ``ray start --head`` of a test session, shared by every test that submits jobs to a cluster."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def head(tmp_path_factory):
+    """``ray start --head --block`` in its own process group, on its own ports (a Ray instance already on
+    the machine is neither used nor disturbed): stopping it stops exactly its processes. Started once,
+    when a test first asks for it (about 10 s), and stopped at the end of the session."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",  # token auth is on by default (docs/ray-and-transformers-traps.md)
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}  # the jobs' `python` is this environment's
+    dashboard = free_port()
+    log = (tmp_path_factory.mktemp("head") / "head.log").open("w")
+    process = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
+         f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=4", "--include-dashboard=true"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        probe = subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", address], env=env,
+                               capture_output=True, text=True)
+        if probe.returncode == 0:
+            break
+        time.sleep(2)
+    else:
+        os.killpg(process.pid, signal.SIGTERM)
+        pytest.fail("the Ray head did not come up")
+    yield address, env, bin_dir
+    os.killpg(process.pid, signal.SIGTERM)  # ray start --block stops the processes it started
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def submit(head, *command: str, timeout: float = 800) -> str:
+    """``ray job submit --working-dir . -- <command>`` to ``head``; the job must succeed. Its output."""
+    address, env, bin_dir = head
+    result = subprocess.run([str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+                             "--", *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout.lower(), result.stdout[-3000:]
+    return result.stdout
