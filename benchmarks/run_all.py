@@ -42,6 +42,8 @@ BENCHMARKS = (
     Benchmark("train_step", "training-step throughput and FLOP utilisation (no Ray)", (), ("--steps", "2")),
     Benchmark("train_ray", "Ray Train (2 workers) vs a plain PyTorch loop; frozen-feature cache vs pixels", (),
               ("--steps", "6", "--clean-size", "256")),
+    Benchmark("goodput", "each training job's samples/s over its own step's (stage 1 from the cache, stage 2, "
+              "instruct), and where its wall time goes", (), ("--steps", "3")),
     Benchmark("capfilt", "CapFilt on Ray Data vs a single-process loop over the same classes", ("--records", "3000"),
               ("--records", "200", "--captions", "1")),
     Benchmark("serve", "Ray Serve: continuous batching vs @serve.batch vs batch size 1; streaming; HTTP overhead",
@@ -116,6 +118,15 @@ def summary_rows(records: dict[str, dict]) -> list[tuple[str, str, str, str, str
                      f"{cache['epoch_s_pixels']} vs {cache['epoch_s_cached']} s per epoch; the cache costs "
                      f"{cache['cache_build_s']} s, paid back after {cache['break_even_epochs']} epochs",
                      records["train_ray"]["command"]))
+    if "results" in records.get("goodput", {}):
+        step = records.get("train_step", {}).get("results", {}).get("results", {}).get("stage1")
+        machine = f"; this machine's train_step.py stage 1: {step['samples_per_s']:.0f} samples/s" if step else ""
+        for job, r in records["goodput"]["results"]["results"].items():
+            rows.append((f"goodput, {job}: the job's samples/s / its own step's", _x(r["goodput"]), ">= 0.7x",
+                         f"{r['job_samples_per_s']:.0f} vs {r['step_samples_per_s']:.0f} samples/s over {r['steps']} "
+                         f"steps of {r['global_batch']}; fixed costs {r['fixed_fraction']:.0%} of the wall time "
+                         f"({r['fixed_fraction_at_config_steps']:.0%} at the config's {r['config_steps']} steps; "
+                         f"goal <= 25%){machine}", records["goodput"]["command"]))
     if "results" in records.get("capfilt", {}):
         r = records["capfilt"]["results"]
         rows.append(("CapFilt on Ray Data / single process, images/s", _x(r["ratio"]), ">= 1.0x",
