@@ -79,7 +79,7 @@ def train_loop(payload: dict) -> None:
     model = task.prepare(task.build_model(), device, config.scaling.mixed_precision)
     step_module = ray.train.torch.prepare_model(task.step_module(model, rank, world_size, device))  # Ray: DDP
     trainable = task.trainable_module(model)
-    runner = StepRunner(step_module, trainable, config, device, task.grad_norm_groups(model))
+    runner = StepRunner(step_module, trainable, config, device, task.grad_norm_groups(model), task.before_step)
     optimizer, scheduler = runner.optimizer, runner.scheduler
     progress, history = TrainingProgress(), []
     checkpoint = ray.train.get_checkpoint()  # Ray: resume after a restart or a re-run

@@ -157,14 +157,38 @@ class Stage1ModelConfig:
 @dataclass(frozen=True)
 class Stage1LossConfig:
     """How stage 1 weighs and feeds its objectives (BLIP-2's recipe is ``itm_weight=1``,
-    ``itm_random_negatives=0``)."""
+    ``itm_random_negatives=0``, no ITM schedule).
 
-    itm_weight: float = 1.0  # ITM's factor in ITC + itm_weight * ITM + ITG
+    ITM's factor may follow a schedule over training (:meth:`itm_weight_at`): ``itm_weight_start`` for the
+    first ``itm_weight_hold`` share of the steps, then linear to ``itm_weight`` over the next
+    ``itm_weight_ramp`` share, then ``itm_weight``. Shares of ``optim.max_steps``, so a shorter run keeps the
+    shape of the schedule."""
+
+    itm_weight: float = 1.0  # ITM's factor in ITC + itm_weight * ITM + ITG (after the schedule, if any)
     itm_random_negatives: float = 0.0  # share of ITM negatives drawn uniformly rather than by ITC hardness
+    itm_weight_start: float | None = None  # ITM's factor at the start; None: itm_weight throughout
+    itm_weight_hold: float = 0.0  # share of max_steps at itm_weight_start
+    itm_weight_ramp: float = 0.0  # share of max_steps to go linearly from itm_weight_start to itm_weight
 
     def __post_init__(self) -> None:
         if self.itm_weight < 0 or not 0 <= self.itm_random_negatives <= 1:
             raise ValueError("itm_weight must be >= 0 and itm_random_negatives in [0, 1]")
+        if self.itm_weight_start is not None and self.itm_weight_start < 0:
+            raise ValueError("itm_weight_start must be >= 0 (or null: no schedule)")
+        if self.itm_weight_hold < 0 or self.itm_weight_ramp < 0 or self.itm_weight_hold + self.itm_weight_ramp > 1:
+            raise ValueError("itm_weight_hold and itm_weight_ramp must be >= 0 and sum to at most 1")
+
+    def itm_weight_at(self, step: int, max_steps: int) -> float:
+        """ITM's factor for optimiser step ``step`` (0-based) of ``max_steps``."""
+        if self.itm_weight_start is None:
+            return self.itm_weight
+        done = step / max_steps
+        if done < self.itm_weight_hold:
+            return self.itm_weight_start
+        if done >= self.itm_weight_hold + self.itm_weight_ramp:
+            return self.itm_weight
+        share = (done - self.itm_weight_hold) / self.itm_weight_ramp
+        return self.itm_weight_start + share * (self.itm_weight - self.itm_weight_start)
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,12 @@ class StepRunner:
     """Micro-batches in, optimiser steps out."""
 
     def __init__(self, step_module: nn.Module, trainable: nn.Module, config: TrainConfig, device: torch.device,
-                 grad_norm_groups: Mapping[str, list[nn.Parameter]] | None = None) -> None:
+                 grad_norm_groups: Mapping[str, list[nn.Parameter]] | None = None,
+                 before_step: Callable[[int], None] | None = None) -> None:
         self.step_module = step_module
+        # Called with the number of optimiser steps done before each step's first micro-batch (a loss
+        # weight that follows a schedule); it reads the scheduler's count, so a resumed run picks up there.
+        self.before_step = before_step
         # Named groups of parameters whose gradient norm (before clipping) joins each step's numbers, as
         # ``grad_norm/<name>`` (e.g. what reaches the Q-Former's cross-attention).
         self.grad_norm_groups = dict(grad_norm_groups or {})
@@ -43,6 +47,8 @@ class StepRunner:
     def micro_step(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, float] | None:
         """Forward and backward one micro-batch; after every ``grad_accum_steps``-th, step the optimiser
         and return the step's losses (averaged over its micro-batches), else None."""
+        if self.micro == 0 and self.before_step is not None:
+            self.before_step(self.scheduler.last_epoch)
         last = self.micro + 1 == self.accumulate
         no_sync = getattr(self.step_module, "no_sync", None)  # DDP: all-reduce gradients once per step
         with contextlib.nullcontext() if last or no_sync is None else no_sync():
@@ -122,7 +128,8 @@ def train_locally(task: Any, batches: Callable[[int], Iterable[Mapping[str, Any]
     device = torch.device(device)
     model = task.prepare(task.build_model(), device, config.scaling.mixed_precision)
     step_module = task.step_module(model, 0, 1, device)
-    runner = StepRunner(step_module, task.trainable_module(model), config, device, task.grad_norm_groups(model))
+    runner = StepRunner(step_module, task.trainable_module(model), config, device, task.grad_norm_groups(model),
+                        task.before_step)
     step_module.train()
     history: list[dict] = []
     start, step, epoch = time.perf_counter(), 0, 0

@@ -127,29 +127,38 @@ class TrainingTask(ABC):
         """What the optimiser sees and checkpoints hold (``requires_grad`` parameters only)."""
         return model
 
+    def before_step(self, step: int) -> None:
+        """Called before optimiser step ``step`` (0-based) of the module :meth:`step_module` built last:
+        where a stage's loss weights follow a schedule."""
+
 
 # ---------------------------------------------------------------------------------------------------
 # Stage 1
 
 
 class _Stage1Step(nn.Module):
-    def __init__(self, model: nn.Module, objective: Stage1Objective, generator: torch.Generator) -> None:
+    def __init__(self, model: nn.Module, objective: Stage1Objective, generator: torch.Generator,
+                 report_itm_weight: bool = False) -> None:
         super().__init__()
         self.model, self.objective, self.generator = model, objective, generator  # generator: ITM negatives
+        self.report_itm_weight = report_itm_weight  # ITM's scheduled factor joins each step's numbers
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, ids: Tensor, pixel_values: Tensor | None = None,
                 image_embeds: Tensor | None = None, attributes: Tensor | None = None) -> dict[str, Tensor]:
         out = self.objective(self.model, pixel_values, input_ids, attention_mask, ids, self.generator,
                              image_embeds=image_embeds, attributes=attributes)
+        weight = {"itm_weight": out.loss.new_tensor(self.objective.itm_weight)} if self.report_itm_weight else {}
         return {"loss": out.loss, "itc_loss": out.itc_loss, "itm_loss": out.itm_loss, "lm_loss": out.lm_loss,
-                **out.diagnostics}
+                **weight, **out.diagnostics}
 
 
 class Stage1Task(TrainingTask):
     stage = "stage1"
     loss_names = ("itc_loss", "itm_loss", "lm_loss")
     curve_panels = {"ITM accuracy on the training batch": ("itm_acc_positive", "itm_acc_hard", "itm_acc_random"),
-                    "ITM negatives": ("itm_negative_attributes_differing", "itm_negatives_available"),
+                    "attributes a sampled ITM negative states differently": ("itm_negative_attributes_differing",),
+                    "share of the batch left as ITM negatives": ("itm_negatives_available",),
+                    "ITM weight (scheduled)": ("itm_weight",),
                     "gradient norm": ("grad_norm/crossattention", "grad_norm/itm_head")}
 
     def __init__(self, config: Stage1Config) -> None:
@@ -167,10 +176,14 @@ class Stage1Task(TrainingTask):
     def step_module(self, model, rank, world_size, device):
         generator = torch.Generator(device=device).manual_seed(self.config.seed * 1000 + rank)
         loss = self.config.loss
-        objective = Stage1Objective(rank, world_size, itm_weight=loss.itm_weight,
+        objective = Stage1Objective(rank, world_size, itm_weight=loss.itm_weight_at(0, self.config.optim.max_steps),
                                     itm_random_negatives=loss.itm_random_negatives,
                                     diagnostics=self.config.itm_diagnostics)
-        return _Stage1Step(model, objective, generator)
+        self._objective = objective  # before_step sets its ITM weight
+        return _Stage1Step(model, objective, generator, report_itm_weight=loss.itm_weight_start is not None)
+
+    def before_step(self, step):
+        self._objective.itm_weight = self.config.loss.itm_weight_at(step, self.config.optim.max_steps)
 
     def make_batch(self, batch, rng):
         texts = sample_captions(caption_choices(batch), rng)

@@ -29,7 +29,8 @@ def small(tmp_path, **extra):
 
 
 def test_stage1_trains_checkpoints_and_resumes(tmp_path, ray_local, capsys):
-    assert train.main(["stage1", *small(tmp_path, **{"optim.max_steps": 5})]) == 0
+    schedule = {"loss.itm_weight_start": 2, "loss.itm_weight_hold": 0.5}  # ITM weight 2 for steps 0-2, then 1
+    assert train.main(["stage1", *small(tmp_path, **{"optim.max_steps": 5, **schedule})]) == 0
     out = tmp_path / "runs" / "stage1-toy"
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 5
@@ -38,6 +39,7 @@ def test_stage1_trains_checkpoints_and_resumes(tmp_path, ray_local, capsys):
     assert {"t2i_r1", "i2t_r10", "t2i_r1_attribute", "t2i_r1_strict", "itm_pairwise_random"} <= set(report["eval"])
     assert report["benchmarks"]["coco_retrieval/test"]["t2i_r1_attribute"] == report["eval"]["t2i_r1_attribute"]
     assert report["headline"]["t2i_r1_attribute"] == report["eval"]["t2i_r1_attribute"]
+    assert [h["itm_weight"] for h in json.loads((out / "history.json").read_text())] == [2, 2, 2, 1, 1]
     assert (out / "curve.png").stat().st_size > 0
     assert (out / "model" / "model.safetensors").exists()
     split = report["time_split"]  # where the wall time went, and the loop's samples/s over its own step's
@@ -49,7 +51,7 @@ def test_stage1_trains_checkpoints_and_resumes(tmp_path, ray_local, capsys):
     assert "goodput " in capsys.readouterr().out
 
     # the same name again with a longer budget: resumes from the last checkpoint, step counter continuous
-    assert train.main(["stage1", *small(tmp_path, **{"optim.max_steps": 8})]) == 0
+    assert train.main(["stage1", *small(tmp_path, **{"optim.max_steps": 8, **schedule})]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 8 and report["final_losses"]["step"] == 8
     assert report["started_at"] == [0, 5]  # the second run picked up at the first run's last checkpoint

@@ -12,9 +12,18 @@ from blip2.models.export import import_pretrained, import_stage1
 from blip2.toyworld.corpus import ToyWorldConfig, generate_split
 from blip2.toyworld.text import INSTRUCTION_TASKS
 from blip2.toyworld.world import decode_image
-from blip2.training.config import InstructConfig, Stage1Config, Stage1ModelConfig, Stage2Config, TaskSizes
+from blip2.training.config import (
+    InstructConfig,
+    OptimConfig,
+    Stage1Config,
+    Stage1LossConfig,
+    Stage1ModelConfig,
+    Stage2Config,
+    TaskSizes,
+)
 from blip2.training.data import CAPTIONS_JSON, caption_choices, sample_captions, task_mixture, training_records
 from blip2.training.features import FrozenImageEncoder
+from blip2.training.loop import train_locally
 from blip2.training.tasks import InstructTask, Stage1Task, Stage2Task, resolve_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,6 +115,28 @@ def test_stage1_step_trains_and_cached_features_give_the_same_loss(records):
     assert all(p.grad is None for p in model.vision_model.parameters())
     assert model.query_tokens.grad is not None
     assert all(torch.equal(p, frozen[n]) for n, p in model.vision_model.named_parameters())
+
+
+def test_itm_weight_schedule_holds_then_ramps_over_shares_of_the_steps():
+    loss = Stage1LossConfig(itm_weight=1.0, itm_weight_start=10.0, itm_weight_hold=0.5, itm_weight_ramp=0.25)
+    assert [loss.itm_weight_at(s, 100) for s in (0, 49, 50, 60, 75, 99)] == pytest.approx([10, 10, 10, 6.4, 1, 1])
+    assert [loss.itm_weight_at(s, 8) for s in (0, 3, 4, 6)] == pytest.approx([10, 10, 10, 1])  # same shape
+    assert Stage1LossConfig(itm_weight=3.0).itm_weight_at(0, 100) == 3.0  # no schedule: the weight throughout
+    for bad in ({"itm_weight_start": -1.0}, {"itm_weight_hold": 0.8, "itm_weight_ramp": 0.3}):
+        with pytest.raises(ValueError):
+            Stage1LossConfig(**bad)
+
+
+def test_training_follows_the_itm_weight_schedule_step_by_step(records):
+    """The weight each optimiser step used is in the history, and the loss is ITC + that weight * ITM + ITG."""
+    config = Stage1Config(world=WORLD, model=Stage1ModelConfig(hidden_size=64, num_layers=1, image_text_hidden_size=32,
+                                                               num_query_tokens=4),
+                          optim=OptimConfig(max_steps=4, warmup_steps=0, batch_size=8), itm_diagnostics=False,
+                          loss=Stage1LossConfig(itm_weight=1.0, itm_weight_start=5.0, itm_weight_hold=0.5))
+    _, history = train_locally(Stage1Task(config), lambda epoch: [layouts(records)["webdataset"]])
+    assert [h["itm_weight"] for h in history] == [5.0, 5.0, 1.0, 1.0]
+    for h in history:
+        assert h["loss"] == pytest.approx(h["itc_loss"] + h["itm_weight"] * h["itm_loss"] + h["lm_loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("llm", ["opt", "t5"])
