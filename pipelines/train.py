@@ -44,6 +44,7 @@ from blip2.config import ConfigError, from_dict, to_dict
 from blip2.models.export import load_trainable
 from blip2.reporting import plot_curves
 from blip2.datasets.errors import DatasetError
+from blip2.toyworld.selection import check_report_split
 from blip2.training.config import InstructConfig, TrainConfig
 from blip2.training.data import skip_counts, training_records
 from blip2.training.features import FrozenImageEncoder
@@ -240,6 +241,7 @@ def records_data(config: TrainConfig, check_batch: bool = True) -> tuple[ray.dat
     if config.train_data:
         sources = [Path(s) for s in config.train_data]
     else:
+        check_report_split(config.train_split)  # training on test/novel would fit the reports to them
         ensure_toyworld(ToyWorldJobConfig(out=config.toyworld, world=config.world))
         sources = [Path(config.toyworld) / "webdataset" / config.train_split]
     raw = [_read_source(source) for source in sources]

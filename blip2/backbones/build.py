@@ -6,15 +6,20 @@ A backbone directory holds what a hub checkpoint would, written with ``save_pret
     opt/                 OPTForCausalLM + the LM tokenizer
     t5/                  T5ForConditionalGeneration + the LM tokenizer
     qformer_tokenizer/   WordPiece tokenizer of the Q-Former's text side (with [DEC])
-    report.json          the build config and every quality number
+    report.json          the build config, every quality number and the build's provenance
+                         (seeds, library versions, sha256 of every other file)
 
 Everything downstream loads them with ``from_pretrained(path)``: exactly the code path of a real
 checkpoint. A built set ships inside the package (``blip2/assets/toy_backbones``) so that the demo and
-the tests need not rebuild it; ``build_backbones`` reproduces it from the seed.
+the tests need not rebuild it; ``build_backbones`` reproduces it from the seed: the tokenizers byte for
+byte anywhere; the weights from the config's seeds with torch in deterministic mode, so byte for byte on
+the same kind of machine (float reductions may round differently on other CPUs or thread counts).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -26,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import safetensors
+import tokenizers
 import torch
 import transformers
 from transformers import (
@@ -147,6 +154,37 @@ def _size_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*.safetensors"))
 
 
+def file_digests(root: Path) -> dict[str, str]:
+    """sha256 of every file of a set but its report, keyed by the path under ``root``."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "report.json"}
+
+
+def _provenance(config: BackbonesConfig, root: Path) -> dict:
+    return {
+        "seeds": {"vision": config.vision.seed, "language": config.language.seed,
+                  "eval_toyworld": config.eval_toyworld_seed},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+                     "safetensors": safetensors.__version__, "numpy": np.__version__},
+        "deterministic_algorithms": True,
+        "threads": torch.get_num_threads(),
+        "sha256": file_digests(root),
+    }
+
+
+@contextlib.contextmanager
+def _deterministic():
+    """torch's deterministic mode for the build, restored afterwards."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@_deterministic()
 def build_backbones(config: BackbonesConfig, out: str | Path, log: Callable[[str], None] = print) -> ToyBackbones:
     """Pretrain the three backbones and both tokenizers from scratch into ``out``; returns their paths.
 
@@ -197,6 +235,7 @@ def build_backbones(config: BackbonesConfig, out: str | Path, log: Callable[[str
             "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                             "threads": torch.get_num_threads(), "machine": platform.machine(),
                             "cpus": os.cpu_count()},
+            "provenance": _provenance(config, staging),
         }
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         if out.exists():

@@ -45,6 +45,7 @@ from transformers import (
 from blip2.tokenization import IMAGE_TOKEN
 from blip2.toyworld.text import (
     INSTRUCTION_TASKS,
+    LM_TASK_WEIGHTS,
     TextExample,
     caption_matches,
     context_words,
@@ -96,6 +97,9 @@ class LanguagePretrainConfig:
     # With the held-in ``verify`` family in the mixture it did not help either (0.54 vs 0.66 without it).
     context_mixing: float = 0.0
     context_noise: float = 0.0
+    # Instruction families left out of the LM's pretraining text (e.g. ["existence"]: then a held-out
+    # family is unseen by the LM too, not only by instruction tuning). Evaluation still asks every family.
+    excluded_tasks: tuple[str, ...] = ()
     log_every: int = 100
     seed: int = 0
 
@@ -107,6 +111,9 @@ class LanguagePretrainConfig:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
         if self.max_length < 32:
             raise ValueError(f"max_length must be >= 32 (pretraining text reaches ~30 tokens), got {self.max_length}")
+        if set(self.excluded_tasks) - set(LM_TASK_WEIGHTS) or set(self.excluded_tasks) >= set(LM_TASK_WEIGHTS):
+            raise ValueError(f"excluded_tasks must name some, not all, of {', '.join(LM_TASK_WEIGHTS)}; "
+                             f"got {list(self.excluded_tasks)}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.warmup_steps < self.steps:
@@ -310,8 +317,10 @@ def model_inputs(model: PreTrainedModel, batch: dict[str, torch.Tensor],
 # Pretraining.
 
 
-def _draw_examples(attributes: list[Attributes], rng: np.random.Generator, n: int) -> list[TextExample]:
-    return [lm_pretraining_example(attributes[i], rng) for i in rng.integers(len(attributes), size=n)]
+def _draw_examples(attributes: list[Attributes], rng: np.random.Generator, n: int,
+                   excluded_tasks: tuple[str, ...] = ()) -> list[TextExample]:
+    weights = {task: w for task, w in LM_TASK_WEIGHTS.items() if task not in excluded_tasks}
+    return [lm_pretraining_example(attributes[i], rng, weights) for i in rng.integers(len(attributes), size=n)]
 
 
 def _train(model: PreTrainedModel, next_batch: Callable[[], dict[str, torch.Tensor]],
@@ -355,7 +364,7 @@ def pretrain_causal_lm(config: LanguagePretrainConfig, tokenizer: PreTrainedToke
     offset_rng = rng if config.random_position_offset else None
 
     def next_batch() -> dict[str, torch.Tensor]:
-        encoded = encode_examples(_draw_examples(attributes, rng, config.batch_size), tokenizer)
+        encoded = encode_examples(_draw_examples(attributes, rng, config.batch_size, config.excluded_tasks), tokenizer)
         return causal_batch(encoded, tokenizer.pad_token_id, config.max_length, offset_rng)
 
     _train(model, next_batch, config, log, "opt")
@@ -370,7 +379,7 @@ def pretrain_seq2seq_lm(config: LanguagePretrainConfig, tokenizer: PreTrainedTok
     rng = np.random.default_rng(config.seed)
 
     def next_batch() -> dict[str, torch.Tensor]:
-        encoded = encode_examples(_draw_examples(attributes, rng, config.batch_size), tokenizer)
+        encoded = encode_examples(_draw_examples(attributes, rng, config.batch_size, config.excluded_tasks), tokenizer)
         return seq2seq_batch(encoded, tokenizer.pad_token_id, config.max_length)
 
     _train(model, next_batch, config, log, "t5")

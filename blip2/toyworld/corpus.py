@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from blip2.toyworld.selection import check_report_split
 from blip2.toyworld.standard import HELD_OUT_SPLITS, write_standard_split
 from blip2.toyworld.text import CAPTION_TEMPLATES, caption, junk_text, random_caption
 from blip2.toyworld.world import (
@@ -118,9 +119,11 @@ def _change_one_attribute(attributes: Attributes, rng: np.random.Generator) -> A
 
 
 def generate_split(config: ToyWorldConfig, split: str) -> list[Record]:
-    """All records of one split, deterministic in (config, split)."""
+    """All records of one split, deterministic in (config, split). ``test`` and ``novel`` only under an
+    evaluation entry point (:mod:`blip2.toyworld.selection`)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    check_report_split(split)
     rng = split_rng(config.seed, split)
     pool = split_attributes(split)
     n = config.split_size(split)

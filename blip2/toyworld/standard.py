@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from blip2.toyworld.selection import check_report_split
 from blip2.toyworld.text import CAPTION_TEMPLATES, INSTRUCTION_TASKS, YES_NO_TASKS, caption, instruction_example
 
 if TYPE_CHECKING:  # corpus.py writes these files, so it imports this module
@@ -45,7 +46,9 @@ def image_name(split: str, image_id: int) -> str:
 
 
 def standard_files(root: str | Path, split: str) -> dict[str, Path]:
-    """Where the files of ``split`` live under a toy world's ``root`` (``<root>/standard/...``)."""
+    """Where the files of ``split`` live under a toy world's ``root`` (``<root>/standard/...``); ``test``
+    and ``novel`` only under an evaluation entry point (:mod:`blip2.toyworld.selection`)."""
+    check_report_split(split)
     base = Path(root) / STANDARD_DIR
     return {"images": base / "images", "karpathy": base / f"coco_karpathy_{split}.json",
             "coco_captions": base / f"captions_{split}.json",

@@ -6,6 +6,7 @@ tokenizers and the backbones all see the same language.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,16 +177,17 @@ def context_words(attributes: Attributes, rng: np.random.Generator) -> str:
 LM_TASK_WEIGHTS: dict[str, float] = {task: 5.0 if task in YES_NO_TASKS else 1.0 for task in INSTRUCTION_TASKS}
 
 
-def lm_pretraining_example(attributes: Attributes, rng: np.random.Generator) -> TextExample:
+def lm_pretraining_example(attributes: Attributes, rng: np.random.Generator,
+                           task_weights: Mapping[str, float] = LM_TASK_WEIGHTS) -> TextExample:
     """One LM pretraining example: a caption (10%), a caption conditioned on context words (30%), or an
-    answer conditioned on context words and an instruction (60%, tasks drawn by ``LM_TASK_WEIGHTS``)."""
+    answer conditioned on context words and an instruction (60%, tasks drawn by ``task_weights``)."""
     kind = rng.random()
     if kind < 0.1:
         return TextExample("", random_caption(attributes, rng))
     if kind < 0.4:
         return TextExample(context_words(attributes, rng), random_caption(attributes, rng))
-    weights = np.array(list(LM_TASK_WEIGHTS.values()))
-    task = tuple(LM_TASK_WEIGHTS)[int(rng.choice(len(weights), p=weights / weights.sum()))]
+    weights = np.array(list(task_weights.values()))
+    task = tuple(task_weights)[int(rng.choice(len(weights), p=weights / weights.sum()))]
     example = instruction_example(task, attributes, rng)
     return TextExample(context_words(attributes, rng), example.answer, prompt=example.instruction)
 

@@ -212,6 +212,9 @@ class Stage2Config(TrainConfig):
 
     name: str = "stage2-toy-opt"
     stage1: str = "runs/train/stage1-toy"  # a stage-1 job's output directory (its model/), or a model/ itself
+    # false: the Q-Former (same shape as stage 1's) starts freshly initialised instead of from stage 1's
+    # weights: BLIP-2's Fig. 5 ablation, "without representation learning"
+    qformer_from_stage1: bool = True
     llm: str = "opt"  # "opt" / "t5" (the toy backbones) or a transformers LLM directory
     prompt: str = ""  # fed before every caption (e.g. "a photo of"), not trained on
     max_prefix_fraction: float = 0.5  # encoder-decoder prefix LM: at most this share of words go to the encoder

@@ -270,7 +270,7 @@ class Stage2Task(_GenerativeTask):
         torch.manual_seed(self.config.seed)
         model = build_stage2_model(self.backbones.vision, self.llm_path, qformer_config,
                                    stage1_config.num_query_tokens, self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                                   stage1_state_dict=state_dict)
+                                   stage1_state_dict=state_dict if self.config.qformer_from_stage1 else None)
         return self._built(model)
 
     def make_batch(self, batch, rng):

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer, Blip2Processor, BlipImageProcessorPil, InstructBlipProcessor
 
-from blip2.tokenization import DEC_TOKEN, IMAGE_TOKEN, build_lm_tokenizer, build_qformer_tokenizer
+from blip2.backbones.build import PACKAGED_BACKBONES
+from blip2.tokenization import DEC_TOKEN, IMAGE_TOKEN, build_lm_tokenizer, build_qformer_tokenizer, qformer_vocabulary
 from blip2.toyworld.text import vocabulary_text
 
 TEXT = "there is a small red circle on the left"
@@ -50,3 +51,33 @@ def test_tokenizers_work_inside_transformers_processors(tokenizers):
     out = instruct(images=[image], text=["what colour is the shape?"], return_tensors="pt")
     assert out.qformer_input_ids[0, 0] == qformer.cls_token_id
     assert (out.input_ids[0] == image_id).sum() == 4
+
+
+def test_both_tokenizers_build_byte_identical_every_time(tmp_path):
+    """What `blip2 backbones` writes for the tokenizers, built twice in one process: the same bytes (the
+    LM's also equal the shipped ones)."""
+    for attempt in range(2):
+        build_qformer_tokenizer(vocabulary_text()).save_pretrained(tmp_path / f"qformer{attempt}")
+        build_lm_tokenizer(vocabulary_text()).save_pretrained(tmp_path / f"lm{attempt}")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "qformer0" / name).read_bytes() == (tmp_path / "qformer1" / name).read_bytes()
+        for built, shipped in (("lm0", "opt"), ("lm1", "opt"), ("lm1", "t5")):
+            assert (tmp_path / built / name).read_bytes() == (PACKAGED_BACKBONES / shipped / name).read_bytes()
+
+
+def test_qformer_vocabulary_is_chosen_in_a_stated_order():
+    vocabulary = qformer_vocabulary(["b a a", "c b a"], vocab_size=200)
+    assert vocabulary[:6] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    assert len(vocabulary) == len(set(vocabulary)) == 6 + 26 + 10 + 32 + 36  # single letters are already in
+    words = qformer_vocabulary(["the cat", "the dog", "dog"], vocab_size=200)[110:]
+    assert words == ["dog", "the", "cat"]  # by falling count, ties by the word
+    assert qformer_vocabulary(["the cat", "the dog", "dog"], vocab_size=111)[110:] == ["dog"]
+    with pytest.raises(ValueError, match="vocab_size 100 cannot hold"):
+        qformer_vocabulary(["x"], vocab_size=100)
+
+
+def test_qformer_tokenizer_has_no_unknowns_for_any_ascii_word(tokenizers):
+    qformer, _ = tokenizers
+    for text in ("xylophone quartz", "IMG_0412.JPG", "naïve café", "50% off! (today)"):
+        tokens = qformer.convert_ids_to_tokens(qformer(text).input_ids)
+        assert "[UNK]" not in tokens, (text, tokens)

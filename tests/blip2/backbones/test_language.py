@@ -57,6 +57,29 @@ def test_config_rejects_bad_values():
         LanguagePretrainConfig(context_noise=-0.1)
     with pytest.raises(ValueError, match="context_marker"):
         LanguagePretrainConfig(context_marker=False, context_noise=0.5)
+    with pytest.raises(ValueError, match="excluded_tasks must name some, not all"):
+        LanguagePretrainConfig(excluded_tasks=("exists",))
+
+
+def test_an_excluded_family_never_appears_in_the_pretraining_text():
+    """``excluded_tasks`` (default none): C8's LM build without ``existence``; the default draws are
+    unchanged (the shipped LMs were built before the switch existed)."""
+    from blip2.backbones.language import _draw_examples
+    from blip2.toyworld.text import INSTRUCTION_TASKS
+
+    attributes = split_attributes("web")
+    assert LanguagePretrainConfig().excluded_tasks == ()
+    default = _draw_examples(attributes, np.random.default_rng(0), 300)
+    assert default == [lm_pretraining_example(attributes[i], rng) for rng in [np.random.default_rng(0)]
+                       for i in rng.integers(len(attributes), size=300)]
+    openings = tuple(p.split("{")[0] for p in INSTRUCTION_TASKS["existence"])  # "is there a ", ...
+
+    def existence_asked(examples):
+        return sum(e.prompt.startswith(openings) for e in examples)
+
+    assert existence_asked(default) > 20
+    without = _draw_examples(attributes, np.random.default_rng(0), 300, excluded_tasks=("existence",))
+    assert existence_asked(without) == 0 and sum(bool(e.prompt) for e in without) > 100
 
 
 def _bags() -> tuple[torch.Tensor, torch.Tensor]:

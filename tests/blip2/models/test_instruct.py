@@ -37,10 +37,10 @@ def stage2(toy, llm="opt"):
                               tokenizer.convert_tokens_to_ids("<image>"))
 
 
-def stage1_state_dict(model, seed=1):
+def stage1_state_dict(model, vocab_size, seed=1):
     """A stage-1 checkpoint as stage 1 writes it: Blip2ForImageTextRetrieval names, text branch on."""
     torch.manual_seed(seed)
-    qformer = build_qformer_config(128, 326, use_qformer_text_input=True)
+    qformer = build_qformer_config(128, vocab_size, use_qformer_text_input=True)
     config = Blip2Config(vision_config=model.config.vision_config.to_dict(), qformer_config=qformer.to_dict(),
                          text_config=model.config.text_config.to_dict(), num_query_tokens=N)
     return Blip2ForImageTextRetrieval(config).state_dict()
@@ -72,7 +72,7 @@ def test_build_instruct_model_carries_stage2_weights_over(toy):
 
 def test_stage1_text_weights_fill_the_qformer_text_side(toy):
     source = stage2(toy)
-    state = stage1_state_dict(source)
+    state = stage1_state_dict(source, len(toy[2]))
     model = build_instruct_model(source, toy[2], stage1_state_dict=state)
     ours = model.qformer.state_dict()
     assert torch.equal(ours["embeddings.word_embeddings.weight"], state["embeddings.word_embeddings.weight"])

@@ -158,6 +158,19 @@ def test_stage2_starts_from_stage1_and_trains_only_the_bridge(records, stage1_di
     assert type(exported.model).__name__ == "Blip2ForConditionalGeneration"
 
 
+def test_stage2_from_a_fresh_qformer_is_a_switch(stage1_dir):
+    """``qformer_from_stage1=false`` (default true): same Q-Former shape as stage 1's, fresh weights."""
+    assert Stage2Config().qformer_from_stage1
+    stage1 = import_stage1(stage1_dir / "model")
+    fresh = Stage2Task(Stage2Config(world=WORLD, stage1=str(stage1_dir), qformer_from_stage1=False)).build_model()
+    assert fresh.model.query_tokens.shape == stage1.query_tokens.shape
+    assert not torch.equal(fresh.model.query_tokens, stage1.query_tokens)
+    ours = dict(fresh.model.qformer.named_parameters())
+    theirs = dict(stage1.qformer.named_parameters())
+    name = "encoder.layer.0.attention.attention.query.weight"
+    assert ours[name].shape == theirs[name].shape and not torch.equal(ours[name], theirs[name])
+
+
 def test_instruct_starts_from_stage2_with_held_out_families(records, stage1_dir, tmp_path):
     stage2 = Stage2Task(Stage2Config(world=WORLD, stage1=str(stage1_dir), llm="opt"))
     stage2.export(stage2.build_model(), tmp_path / "stage2" / "model")
