@@ -32,9 +32,19 @@ class SelectionError(RuntimeError):
 def _callers() -> list[str]:
     frame, names = sys._getframe(2), []
     while frame is not None:
-        names.append(f"{frame.f_globals.get('__name__', '?')}.{frame.f_code.co_qualname}")
+        names.append(f"{_module_name(frame.f_globals)}.{frame.f_code.co_qualname}")
         frame = frame.f_back
     return names
+
+
+def _module_name(namespace: dict) -> str:
+    """The module a frame's code belongs to. A module run as ``python -m pipelines.evaluate`` (as
+    ``ray job submit`` runs the jobs) is named ``__main__``; its spec still says which module it is."""
+    name = namespace.get("__name__", "?")
+    spec = namespace.get("__spec__")
+    if name == "__main__" and getattr(spec, "name", None):
+        return spec.name
+    return name
 
 
 def check_report_split(split: str) -> None:
