@@ -313,16 +313,22 @@ def accuracy_by_task(
     reserved = {"all", "held_in", "held_out"} & set(tasks)
     if reserved:
         raise ValueError(f"task names {sorted(reserved)} collide with the aggregate keys")
-    correct = np.array([normalise_answer(p) == normalise_answer(a) for p, a in zip(predictions, answers)])
-    task_array = np.array(tasks, dtype=object)
-    accuracy = {task: float(correct[task_array == task].mean()) for task in dict.fromkeys(tasks)}
-    is_held_out = np.array([task in held_out for task in tasks])
-    accuracy["all"] = float(correct.mean())
+    correct = [normalise_answer(p) == normalise_answer(a) for p, a in zip(predictions, answers)]
+    return mean_by_task(correct, tasks, held_out)
+
+
+def mean_by_task(values: Sequence[float], tasks: Sequence[str], held_out: Sequence[str]) -> dict[str, float]:
+    """Mean of per-example ``values`` per task, plus the micro-averaged ``all``, ``held_in`` and
+    ``held_out`` (an aggregate with no examples is left out)."""
+    values, task_array = np.asarray(values, dtype=float), np.array(tasks, dtype=object)
+    means = {task: float(values[task_array == task].mean()) for task in dict.fromkeys(tasks)}
+    is_held_out = np.array([task in held_out for task in tasks], dtype=bool)
+    means["all"] = float(values.mean())
     if (~is_held_out).any():
-        accuracy["held_in"] = float(correct[~is_held_out].mean())
+        means["held_in"] = float(values[~is_held_out].mean())
     if is_held_out.any():
-        accuracy["held_out"] = float(correct[is_held_out].mean())
-    return accuracy
+        means["held_out"] = float(values[is_held_out].mean())
+    return means
 
 
 # ---------------------------------------------------------------------------------------------------

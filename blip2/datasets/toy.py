@@ -27,7 +27,13 @@ from blip2.datasets.captions import CaptionedImage
 from blip2.datasets.errors import DatasetError
 from blip2.datasets.questions import VisualQuestion
 from blip2.matching import MatchingPairs, matching_pairs, score_matching
-from blip2.metrics import attribute_relevance, caption_attribute_accuracy, identity_relevance, recall_at_k
+from blip2.metrics import (
+    attribute_relevance,
+    caption_attribute_accuracy,
+    identity_relevance,
+    mean_by_task,
+    recall_at_k,
+)
 from blip2.toyworld.text import HELD_OUT_TASKS, caption, parse_attributes
 from blip2.toyworld.world import ATTRIBUTES, Attributes
 
@@ -103,15 +109,9 @@ def question_metrics(predictions: Sequence[str], questions: Sequence[VisualQuest
     ``num_examples`` and ``examples`` (the first ``examples_per_family`` of each family). ``scores``
     are the standard per-question accuracies (the toy answers are given by all ten annotators, so these
     are exact match)."""
-    families = np.array([q.question_type for q in questions], dtype=object)
     values = np.asarray(scores, dtype=float)
-    metrics: dict[str, Any] = {f"accuracy/{f}": float(values[families == f].mean()) for f in dict.fromkeys(families)}
-    is_held_out = np.array([f in held_out for f in families])
-    metrics["accuracy/all"] = float(values.mean())
-    if (~is_held_out).any():
-        metrics["accuracy/held_in"] = float(values[~is_held_out].mean())
-    if is_held_out.any():
-        metrics["accuracy/held_out"] = float(values[is_held_out].mean())
+    by_family = mean_by_task(values, [q.question_type for q in questions], held_out)
+    metrics: dict[str, Any] = {f"accuracy/{key}": value for key, value in by_family.items()}
     metrics["num_examples"] = len(questions)
     shown: dict[str, int] = {}
     examples = []
