@@ -123,17 +123,20 @@ class Stage1Objective(nn.Module):
     ``input_ids`` must have the same length on every worker (pad to a fixed length), since ITM gathers
     them. ``ids`` marks pairs known to match (same image or same caption): they are not negatives.
 
-    ``itm_weight`` scales ITM in the summed loss (BLIP-2: 1); ``itm_random_negatives`` is the share of ITM
+    ``itm_weight`` scales ITM in the summed loss (BLIP-2: 1), ``itc_weight`` and ``itg_weight`` ITC and ITG
+    (1; 0 ablates one, as BLIP-2's ITG ablation does); ``itm_random_negatives`` is the share of ITM
     negatives drawn uniformly instead of by ITC hardness (BLIP-2: 0; see :func:`sample_hard_negatives`)."""
 
     def __init__(self, rank: int = 0, world_size: int = 1, label_smoothing: float = 0.1,
                  gather: GatherFn = gather_features, itm_weight: float = 1.0,
-                 itm_random_negatives: float = 0.0, diagnostics: bool = False) -> None:
+                 itm_random_negatives: float = 0.0, diagnostics: bool = False, itc_weight: float = 1.0,
+                 itg_weight: float = 1.0) -> None:
         super().__init__()
         self.diagnostics = diagnostics  # fill Stage1Output.diagnostics (one small extra ITM pass per step)
         self._diagnostic_generator: torch.Generator | None = None  # see _diagnose
         self.rank, self.world_size, self.gather = rank, world_size, gather
         self.itm_weight, self.itm_random_negatives = itm_weight, itm_random_negatives
+        self.itc_weight, self.itg_weight = itc_weight, itg_weight
         self.itc = ItcLoss(rank, world_size, label_smoothing, gather=gather)
         self.itm = ItmLoss()
         self.itg = ItgLoss(label_smoothing)
@@ -173,8 +176,8 @@ class Stage1Objective(nn.Module):
         logits, decoder_ids = model.itg_logits(image_embeds, input_ids, attention_mask)  # (B, T, V)
         itg = self.itg(logits, decoder_ids.masked_fill(attention_mask == 0, -100))
 
-        return Stage1Output(itc.itc_loss + self.itm_weight * itm.itm_loss + itg.lm_loss, itc.itc_loss, itm.itm_loss,
-                            itg.lm_loss, diagnostics)
+        loss = self.itc_weight * itc.itc_loss + self.itm_weight * itm.itm_loss + self.itg_weight * itg.lm_loss
+        return Stage1Output(loss, itc.itc_loss, itm.itm_loss, itg.lm_loss, diagnostics)
 
     @torch.no_grad()
     def _diagnose(self, model, image_embeds, input_ids_all, attention_mask_all, labels, itm_logits, positive_mask,

@@ -164,15 +164,21 @@ class Stage1LossConfig:
     ``itm_weight_ramp`` share, then ``itm_weight``. Shares of ``optim.max_steps``, so a shorter run keeps the
     shape of the schedule."""
 
-    itm_weight: float = 1.0  # ITM's factor in ITC + itm_weight * ITM + ITG (after the schedule, if any)
+    itm_weight: float = 1.0  # ITM's factor in the summed loss (after the schedule, if any)
     itm_random_negatives: float = 0.0  # share of ITM negatives drawn uniformly rather than by ITC hardness
     itm_weight_start: float | None = None  # ITM's factor at the start; None: itm_weight throughout
     itm_weight_hold: float = 0.0  # share of max_steps at itm_weight_start
     itm_weight_ramp: float = 0.0  # share of max_steps to go linearly from itm_weight_start to itm_weight
+    # ITC's and ITG's factors in itc_weight * ITC + itm_weight * ITM + itg_weight * ITG; 0 ablates one
+    # (BLIP-2's ITG ablation: itg_weight=0). The loss is still computed and logged.
+    itc_weight: float = 1.0
+    itg_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.itm_weight < 0 or not 0 <= self.itm_random_negatives <= 1:
             raise ValueError("itm_weight must be >= 0 and itm_random_negatives in [0, 1]")
+        if self.itc_weight < 0 or self.itg_weight < 0:
+            raise ValueError("itc_weight and itg_weight must be >= 0")
         if self.itm_weight_start is not None and self.itm_weight_start < 0:
             raise ValueError("itm_weight_start must be >= 0 (or null: no schedule)")
         if self.itm_weight_hold < 0 or self.itm_weight_ramp < 0 or self.itm_weight_hold + self.itm_weight_ramp > 1:

@@ -178,7 +178,8 @@ class Stage1Task(TrainingTask):
         loss = self.config.loss
         objective = Stage1Objective(rank, world_size, itm_weight=loss.itm_weight_at(0, self.config.optim.max_steps),
                                     itm_random_negatives=loss.itm_random_negatives,
-                                    diagnostics=self.config.itm_diagnostics)
+                                    diagnostics=self.config.itm_diagnostics, itc_weight=loss.itc_weight,
+                                    itg_weight=loss.itg_weight)
         self._objective = objective  # before_step sets its ITM weight
         return _Stage1Step(model, objective, generator, report_itm_weight=loss.itm_weight_start is not None)
 

@@ -65,6 +65,21 @@ def test_itm_weight_and_diagnostics(backbones, tokenizer):
     assert not Stage1Objective()(model, pixels, input_ids, attention_mask, ids).diagnostics
 
 
+def test_loss_weights_ablate_objectives(backbones, tokenizer):
+    """``loss.itc_weight`` / ``loss.itg_weight`` (1 by default; 0 ablates one, BLIP-2's ITG ablation): the
+    ablated loss is still computed (and logged) but leaves the summed loss."""
+    from blip2.training.config import Stage1LossConfig
+
+    model = tiny_model(backbones).eval()
+    pixels, input_ids, attention_mask, ids = toy_batch(tokenizer)
+    out = Stage1Objective(itc_weight=0.5, itg_weight=0.0)(model, pixels, input_ids, attention_mask, ids,
+                                                         torch.Generator().manual_seed(0))
+    assert out.lm_loss > 0 and torch.allclose(out.loss, 0.5 * out.itc_loss + out.itm_loss)
+    assert (Stage1LossConfig().itc_weight, Stage1LossConfig().itg_weight) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="itc_weight and itg_weight must be >= 0"):
+        Stage1LossConfig(itg_weight=-1)
+
+
 def test_diagnostics_do_not_change_what_training_samples(backbones, tokenizer):
     """The diagnostics' extra ITM pass draws its random negatives from a generator of its own: with them
     on or off, the same seed samples the same hard negatives, so the losses (and the trained model) agree."""

@@ -2,6 +2,7 @@
 training step that moves only what trains and an export the next stage loads (held-out evaluation is
 ``blip2 evaluate``'s, tests/pipelines/test_evaluate.py)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -137,6 +138,9 @@ def test_training_follows_the_itm_weight_schedule_step_by_step(records):
     assert [h["itm_weight"] for h in history] == [5.0, 5.0, 1.0, 1.0]
     for h in history:
         assert h["loss"] == pytest.approx(h["itc_loss"] + h["itm_weight"] * h["itm_loss"] + h["lm_loss"], rel=1e-5)
+    ablated = Stage1Task(dataclasses.replace(config, loss=Stage1LossConfig(itc_weight=0.5, itg_weight=0.0)))
+    ablated.step_module(ablated.build_model(), 0, 1, CPU)  # the config's weights reach the objective
+    assert (ablated._objective.itc_weight, ablated._objective.itg_weight) == (0.5, 0.0)
 
 
 @pytest.mark.parametrize("llm", ["opt", "t5"])
