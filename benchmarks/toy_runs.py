@@ -1,0 +1,138 @@
+"""The shipped toy configs, run in full: the record that the README's "Measured" block is generated from.
+
+    python benchmarks/toy_runs.py [--stage1-seeds 0] [--instruct-seeds 0,1,2] [--storage DIR] [--out FILE]
+
+One local Ray instance (as ``blip2 train`` starts it), the three training jobs one after the other, each
+from its shipped config unchanged (``stage1_toy.yaml``, ``stage2_toy.yaml``, ``instruct_toy.yaml``) but
+for ``seed`` and the paths: stage 1 once per ``--stage1-seeds``; stage 2 (OPT) from the first stage-1
+seed's output; instruction tuning once per ``--instruct-seeds`` from that stage 2. Every job is scored by
+its config's ``eval:`` sets through ``blip2 evaluate``'s code (held-out ``test`` and ``novel``), exactly as
+``blip2 train`` scores it.
+
+The record (``--out``, default ``benchmarks/toy_runs.json``) holds, per job: its config file, seed, steps,
+wall seconds, samples/s, goodput and fixed-cost share (``report.json``'s ``time_split``), and every
+numeric figure of its ``benchmarks``; with the commit, date, machine and load average. Then
+``python benchmarks/readme_results.py`` regenerates the README's block from it (CI checks they agree).
+Stage 1 runs about 800 steps at ~1.5 steps/s on two idle cores: the whole record takes ~40 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.run_all import machine  # noqa: E402
+from blip2.config import load_config  # noqa: E402
+from blip2.training.tasks import TASKS  # noqa: E402
+from pipelines.common import CONFIG_DIR, init_ray, quiet_progress_bars  # noqa: E402
+from pipelines.toyworld import ToyWorldJobConfig, ensure_toyworld  # noqa: E402
+from pipelines.train import DEFAULT_CONFIGS, fit  # noqa: E402
+
+RECORD = ROOT / "benchmarks" / "toy_runs.json"
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds: comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds: at least one, none repeated, got {text!r}")
+    return seeds
+
+
+def _numbers(metrics: dict) -> dict:
+    """A benchmark's figures without its example predictions."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run_job(stage: str, seed: int, overrides: list[str]) -> dict:
+    """One shipped toy config in full on the running Ray instance; its record."""
+    config_cls, _ = TASKS[stage]
+    path = CONFIG_DIR / DEFAULT_CONFIGS[stage]
+    overrides = [f"seed={seed}", *overrides]
+    config = load_config(config_cls, path, overrides)
+    start = time.perf_counter()
+    report = json.loads((fit(stage, config) / "report.json").read_text())
+    wall = time.perf_counter() - start
+    split = report["time_split"]
+    print(f"== {stage} seed {seed}: {wall:.0f} s, headline {report['headline']}", flush=True)
+    return {"stage": stage, "config": f"pipelines/configs/{path.name}", "seed": seed, "steps": report["steps"],
+            "overrides": overrides, "wall_seconds": round(wall, 1), "samples_per_s": report["samples_per_s"],
+            "goodput": split["goodput"]["ratio"], "fixed_fraction": split["goodput"]["fixed_fraction"],
+            "seconds": split["seconds"], "headline": report["headline"],
+            "benchmarks": {name: _numbers(metrics) for name, metrics in report["benchmarks"].items()}}
+
+
+def run(stage1_seeds: list[int], instruct_seeds: list[int], storage: Path, extra: list[str]) -> list[dict]:
+    import ray
+
+    quiet_progress_bars()
+    world = storage / "world"
+    ensure_toyworld(ToyWorldJobConfig(out=str(world)))
+    common = [f"toyworld={world}", f"storage_path={storage / 'runs'}", *extra]
+    runs = []
+    init_ray(include_dashboard=False)  # as `blip2 train` starts it: the workers' progress lines reach this log
+    try:
+        for seed in stage1_seeds:
+            runs.append(run_job("stage1", seed, [*common, f"name=stage1-toy-seed{seed}"]))
+        stage1 = storage / "runs" / f"stage1-toy-seed{stage1_seeds[0]}"
+        runs.append(run_job("stage2", 0, [*common, f"stage1={stage1}"]))
+        for seed in instruct_seeds:
+            runs.append(run_job("instruct", seed, [*common, f"stage2={storage / 'runs' / 'stage2-toy-opt'}",
+                                                   f"name=instruct-toy-opt-seed{seed}"]))
+    finally:
+        ray.shutdown()
+    return runs
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip() + ("+local changes" if dirty else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage1-seeds", type=_seeds, default=[0], help="stage-1 seeds (default: 0); stage 2 "
+                        "starts from the first")
+    parser.add_argument("--instruct-seeds", type=_seeds, default=[0, 1, 2], help="instruction-tuning seeds "
+                        "(default: 0,1,2)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for every job (repeatable; a record with overrides is not the shipped configs')")
+    parser.add_argument("--storage", help="keep the runs here (default: a temporary directory, removed after)")
+    parser.add_argument("--out", default=str(RECORD), help="the record to write (default: %(default)s)")
+    args = parser.parse_args(argv)
+    commit, load_before = _commit(), os.getloadavg()[0]  # the code that runs: read before the first job
+    started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        storage = Path(args.storage).resolve() if args.storage else Path(scratch)
+        runs = run(args.stage1_seeds, args.instruct_seeds, storage, args.set)
+    options = [f"--stage1-seeds {','.join(map(str, args.stage1_seeds))}"] if args.stage1_seeds != [0] else []
+    options += [f"--instruct-seeds {','.join(map(str, args.instruct_seeds))}"] if args.instruct_seeds != [0, 1, 2] else []
+    options += [f"--set {override}" for override in args.set]
+    record = {"command": " ".join(["python benchmarks/toy_runs.py", *options]),
+              "commit": commit, "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+              "wall_seconds": round(time.perf_counter() - start), "machine": machine(),
+              "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)], "runs": runs}
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out}; now `python benchmarks/readme_results.py` regenerates the README's block")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
