@@ -29,7 +29,8 @@ def small(tmp_path, **extra):
 
 
 def test_stage1_trains_checkpoints_and_resumes(tmp_path, ray_local, capsys):
-    schedule = {"loss.itm_weight_start": 2, "loss.itm_weight_hold": 0.5}  # ITM weight 2 for steps 0-2, then 1
+    schedule = {"loss.itm_weight_start": 2, "loss.itm_weight_hold": 0.5,  # ITM weight 2 for steps 0-2, then 1
+                "loss.itm_weight_ramp": 0}  # (stage1_toy.yaml ramps it down: not here)
     assert train.main(["stage1", *small(tmp_path, **{"optim.max_steps": 5, **schedule})]) == 0
     out = tmp_path / "runs" / "stage1-toy"
     report = json.loads((out / "report.json").read_text())
