@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "capfilt": ("pipelines.capfilt", "clean a noisy image-text corpus with CapFilt on Ray Data"),
     "evaluate": ("pipelines.evaluate", "score a checkpoint on COCO / NoCaps / VQAv2 / OK-VQA / GQA (Ray Data)"),
     "plan": ("pipelines.plan", "plan a cluster run: memory, largest batch, FLOPs, time, GPU-hours"),
+    "reproduce": ("pipelines.reproduce", "re-prove the papers' claims: arms x seeds as Ray trials -> CLAIMS.md"),
 }
 
 

@@ -11,7 +11,7 @@ import yaml
 
 from blip2.config import load_config
 from blip2.training.config import InstructConfig, Stage1Config, Stage2Config
-from pipelines import backbones, cli, demo, evaluate, toyworld, train
+from pipelines import backbones, cli, demo, evaluate, reproduce, toyworld, train
 from pipelines.common import CONFIG_DIR
 
 
@@ -49,6 +49,7 @@ def test_unknown_subcommand_fails_with_usage(capsys):
     (train, Stage2Config, "stage2_gpu.yaml"),
     (train, InstructConfig, "instruct_gpu.yaml"),
     (evaluate, evaluate.EvaluateConfig, "evaluate_toy.yaml"),
+    (reproduce, reproduce.ReproduceConfig, "reproduce.yaml"),
     *[(evaluate, evaluate.EvaluateConfig, f"evaluate/{task}.yaml")
       for task in ("coco_retrieval", "coco_captions", "nocaps", "vqav2", "okvqa", "gqa")],
 ])

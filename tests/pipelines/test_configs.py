@@ -17,6 +17,7 @@ from pipelines.backbones import BackbonesJobConfig
 from pipelines.common import CONFIG_DIR
 from pipelines.demo import DemoConfig
 from pipelines.evaluate import EvaluateConfig
+from pipelines.reproduce import ReproduceConfig
 from pipelines.serve import ServeConfig
 from pipelines.toyworld import ToyWorldJobConfig
 
@@ -31,6 +32,7 @@ JOBS = {
        for task in ("coco_captions", "coco_retrieval", "gqa", "nocaps", "okvqa", "vqav2")},
     "instruct_gpu.yaml": ("train", ["instruct"], InstructConfig),
     "instruct_toy.yaml": ("train", ["instruct"], InstructConfig),
+    "reproduce.yaml": ("reproduce", [], ReproduceConfig),
     "serve_toy.yaml": ("serve", [], ServeConfig),
     "stage1_gpu.yaml": ("train", ["stage1"], Stage1Config),
     "stage1_toy.yaml": ("train", ["stage1"], Stage1Config),

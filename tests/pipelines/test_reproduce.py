@@ -1,0 +1,100 @@
+"""``blip2 reproduce``: the quick run writes the claims report from real trials (trained in this process,
+scored by ``blip2 evaluate``'s code) and resumes without rerunning a finished trial."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from blip2.claims import CLAIMS
+from blip2.toyworld.selection import SelectionError
+from pipelines import cli, reproduce
+from pipelines.reproduce import ReproduceConfig, trial_specs
+
+
+def test_quick_run_reports_every_trial_and_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # --quick writes nothing to benchmarks/
+    out = tmp_path / "quick"
+    assert reproduce.main(["--quick", f"out={out}"]) == 0
+    claims = json.loads((out / "claims.json").read_text())
+    assert list(claims["claims"]) == ["C2", "C3"] and claims["seeds"] == [0, 1] and claims["wall_seconds"] > 0
+    assert len(claims["trials"]) == 4 and claims["trials_run"] == 4  # C3's 2 arms x 2 seeds; C2 reads C3's recipe
+    for claim_id, ranked_by in (("C2", ("t2i_r1_attribute", "t2i_r1_attribute_itc")),
+                                ("C3", ("t2i_r1_attribute_itc",) * 2)):
+        entry = claims["claims"][claim_id]
+        assert entry["runnable"] and entry["seconds"] > 0
+        assert len(entry["trials"]) == 4 and {t["seed"] for t in entry["trials"]} == {0, 1}
+        assert entry["summary"]["verdict"] == "not enough seeds" and not entry["summary"]["holds"]  # 2 < 5
+        for arm, metric in zip(CLAIMS[claim_id].arms, ranked_by):
+            stats = entry["summary"]["arms"][arm.name]
+            assert stats["test"]["n"] == stats["novel"]["n"] == 2 and stats["test"]["ci"] is not None
+            for trial in (t for t in entry["trials"] if t["arm"] == arm.name):  # the value is the trial's figure
+                record = json.loads((out / "trials" / f"{trial['key']}.json").read_text())
+                assert trial["values"]["test"] == record["benchmarks"]["coco_retrieval/test"][metric]
+                assert 0 <= trial["values"]["novel"] <= 1
+        assert set(entry["summary"]["difference"]) == {"test", "novel"}
+    c2, c3 = claims["claims"]["C2"], claims["claims"]["C3"]
+    assert {t["key"] for t in c2["trials"]} < {t["key"] for t in c3["trials"]}  # one run serves both
+    record = json.loads(next((out / "trials").glob("*.json")).read_text())
+    assert record["config"]["optim"]["max_steps"] == 12 and record["config"]["eval"][0]["limit"] == 24
+    assert (out / "trials" / record["key"] / "model" / "config.json").is_file()
+    text = (out / "CLAIMS.md").read_text()
+    assert "Verdict: not enough seeds" in text and "Every trial" in text and "`loss.itg_weight=0`" in text
+    assert not (tmp_path / "benchmarks").exists()
+
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "trials").glob("*.json")}
+    capsys.readouterr()
+    assert reproduce.main(["--quick", f"out={out}"]) == 0  # resumed: nothing left to run
+    assert "4 trials, 0 to run" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "trials").glob("*.json")} == before
+    assert json.loads((out / "claims.json").read_text())["trials_reused"] == 4
+
+
+def test_claims_without_their_switch_are_reported_not_runnable(tmp_path):
+    out = tmp_path / "out"
+    assert reproduce.main([f"out={out}", f"claims_dir={tmp_path / 'bench'}", "claims=[C1,C5,C6,C8]"]) == 0
+    claims = json.loads((tmp_path / "bench" / "claims.json").read_text())
+    assert claims["trials"] == []
+    for claim_id, needs in (("C1", "CapFilt"), ("C5", "qformer_instruction"), ("C6", "beam"), ("C8", "backbone")):
+        entry = claims["claims"][claim_id]
+        assert not entry["runnable"] and entry["summary"]["verdict"].startswith("not runnable: needs")
+        assert needs in entry["summary"]["verdict"]
+    assert "not runnable: needs switch qformer_instruction" in (tmp_path / "bench" / "CLAIMS.md").read_text()
+
+
+def test_arms_are_overrides_of_the_stage_configs_and_chain_by_seed():
+    specs, uses = trial_specs(ReproduceConfig(seeds=(0, 1)))
+    by_use = {(u["claim"], u["arm"], u["seed"]): specs[u["key"]] for u in uses}
+    assert {c for c, _, _ in by_use} == {"C2", "C3", "C4", "C7"}  # the runnable claims
+    c3 = by_use["C3", "ITC+ITM", 1]
+    assert c3["base"]["loss"]["itg_weight"] == 0 and c3["base"]["seed"] == 1
+    assert by_use["C2", "ITC alone", 0] is by_use["C3", "ITC+ITM+ITG", 0]  # shared arms run once
+    fresh = by_use["C4", "fresh Q-Former", 0]
+    assert not fresh["base"]["qformer_from_stage1"]
+    assert fresh["upstream"] == by_use["C3", "ITC+ITM+ITG", 0]["key"]  # stage 2 starts from stage 1's recipe
+    assert by_use["C7", "stage 2, prompted", 1] is by_use["C4", "from stage 1", 1]
+    assert by_use["C7", "instruction-tuned", 1]["upstream"] == by_use["C4", "from stage 1", 1]["key"]
+    assert len({s["key"] for s in specs.values()}) == len(specs) == 2 * (2 + 2 + 1)  # stage1 x2, stage2 x2, instruct
+
+
+def test_a_trial_cannot_train_on_a_report_split(tmp_path):
+    """The selection guard holds in a trial: no evaluation entry point is on its stack while it trains.
+    (Run on a thread of its own: the guard admits the tests' own frames.)"""
+    specs, _ = trial_specs(ReproduceConfig(claims=("C3",), seeds=(0,), stage1_overrides=("train_split=novel",)))
+    spec = next(iter(specs.values()))
+    resolved = reproduce.resolved_config(spec, tmp_path, threads=1)
+    with ThreadPoolExecutor(1) as pool:  # its frames: concurrent.futures', then the trial's
+        error = pool.submit(reproduce.run_trial, "stage1", resolved, 1).exception(timeout=120)
+    assert isinstance(error, SelectionError), error
+    assert "'novel' records are read only for reports" in str(error)
+
+
+def test_help_and_bad_config_exit_with_a_reason(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["reproduce", "--help"])
+    assert exit_info.value.code == 0 and "blip2 reproduce" in capsys.readouterr().out
+    for override in ("claims=[C99]", "seeds=[1,1]", "stage1_overrides=[loss.itg_weight=-1]"):
+        with pytest.raises(SystemExit) as exit_info:
+            reproduce.main([override])
+        assert exit_info.value.code == 2, override
+    assert "C99" in capsys.readouterr().err
