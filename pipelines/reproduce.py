@@ -12,7 +12,8 @@ splits with ``blip2 evaluate``'s code, in the same process (``num_actors=0``). A
 the stage-1 recipe's trial of its seed, an instruction-tuning trial from the stage-2 recipe's; stages run
 in that order. A finished trial is written to ``<out>/trials/<key>.json`` at once and never run again:
 its key is the stage, the seed and a hash of its whole training config (with its upstream trial's key),
-so an interrupted run resumes where it stopped and arms that claims share run once. At the end
+so an interrupted run resumes where it stopped and arms that claims share run once (a trial whose
+evaluation sets grew, because a claim was added, runs again). At the end
 ``claims.json`` and ``CLAIMS.md`` (per claim: each arm's per-seed values, mean, sd and 95% CI on `test`
 and `novel`, the paired difference, the verdict, the seconds its trials took; every trial) go to ``out``
 and, unless ``claims_dir`` is empty, to ``claims_dir``. A claim whose switch does not exist yet is

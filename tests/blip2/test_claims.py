@@ -39,7 +39,7 @@ def test_verdict_rule(ci, direction, n, expected):
     assert verdict({"ci": ci, "n": n}, direction, min_seeds=5) == expected
 
 
-def test_every_claim_of_the_issue_is_listed_with_two_arms():
+def test_every_claim_c1_to_c8_is_listed_with_two_arms():
     assert list(CLAIMS) == [f"C{i}" for i in range(1, 9)]
     for claim in CLAIMS.values():
         assert len(claim.arms) == 2 and claim.arms[0].name != claim.arms[1].name

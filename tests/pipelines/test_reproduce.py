@@ -98,3 +98,47 @@ def test_help_and_bad_config_exit_with_a_reason(capsys):
             reproduce.main([override])
         assert exit_info.value.code == 2, override
     assert "C99" in capsys.readouterr().err
+
+
+CLUSTER_SCRIPT = '''
+import collections, json, sys
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+
+from pipelines import reproduce
+
+tmp = Path(sys.argv[1])
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})  # schedules only
+nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+ray.init(address=cluster.address)
+code = reproduce.main([f"out={tmp / 'out'}", "claims_dir=", "claims=[C3]", "seeds=[0,1]", "cpus_per_trial=1",
+                       "world.web_size=0", "world.clean_size=64", "world.val_size=4", "world.test_size=16",
+                       "world.novel_size=16", "eval_limit=16",
+                       "stage1_overrides=[optim.max_steps=3,optim.warmup_steps=1,optim.batch_size=16,"
+                       "model.hidden_size=64,model.num_layers=1,model.image_text_hidden_size=32,"
+                       "model.num_query_tokens=4,itm_diagnostics=false,itm_eval_images=4,rerank_k=2]"])
+trials = json.loads((tmp / "out" / "claims.json").read_text())["claims"]["C3"]["trials"]
+print("RESULT " + json.dumps({"code": code, "per_node": collections.Counter(t["node"] for t in trials)}))
+ray.shutdown()
+cluster.shutdown()
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_trials_spread_over_a_clusters_nodes(tmp_path):
+    """Two one-CPU worker nodes (``ray.cluster_utils.Cluster``, in a process of its own: the session's
+    Ray instance cannot also be a cluster): the four trials run as Ray tasks on both."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                            timeout=850)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, (result.stdout + result.stderr)[-4000:]
+    outcome = json.loads(lines[-1][len("RESULT "):])
+    assert outcome["code"] == 0 and sum(outcome["per_node"].values()) == 4
+    assert len(outcome["per_node"]) == 2, outcome  # both worker nodes ran trials (the head has no CPU)
