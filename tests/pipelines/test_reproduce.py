@@ -50,6 +50,32 @@ def test_quick_run_reports_every_trial_and_resumes(tmp_path, monkeypatch, capsys
     assert json.loads((out / "claims.json").read_text())["trials_reused"] == 4
 
 
+@pytest.mark.slow
+def test_stage2_and_instruct_trials_start_from_their_seeds_stage_before(tmp_path):
+    """C4 and C7 at --quick's budgets, one seed: stage 2 trains from the stage-1 recipe's trial, instruction
+    tuning from stage 2's, the fresh-Q-Former arm from no stage-1 weights; C7's stage-2 arm is C4's trial
+    scored on questions too. (About 20 s in this process; the slow tier, since CI's quick run covers stage 1.)"""
+    out = tmp_path / "chain"
+    assert reproduce.main(["--quick", f"out={out}", "claims=[C4,C7]", "seeds=[0]"]) == 0
+    claims = json.loads((out / "claims.json").read_text())
+    assert len(claims["trials"]) == 4  # stage 1 recipe, stage 2 from it and fresh, instruct
+    records = {key: json.loads((out / "trials" / f"{key}.json").read_text()) for key in claims["trials"]}
+    by_stage = {}
+    for record in records.values():
+        by_stage.setdefault(record["stage"], []).append(record)
+    stage1, = by_stage["stage1"]
+    instruct, = by_stage["instruct"]
+    assert {r["upstream"] for r in by_stage["stage2"]} == {stage1["key"]}
+    assert all(r["config"]["stage1"] == str(out / "trials" / stage1["key"]) for r in by_stage["stage2"])
+    assert records[instruct["upstream"]]["config"]["qformer_from_stage1"]
+    c4, c7 = claims["claims"]["C4"], claims["claims"]["C7"]
+    assert {t["key"] for t in c7["trials"] if t["arm"] == "stage 2, prompted"} <= {t["key"] for t in c4["trials"]}
+    assert {"coco_captions/test", "vqav2/test", "vqav2/novel"} <= set(records[instruct["upstream"]]["benchmarks"])
+    for entry in (c4, c7):
+        assert entry["summary"]["verdict"] == "not enough seeds"
+        assert all(0 <= t["values"]["test"] <= 1 for t in entry["trials"])
+
+
 def test_claims_without_their_switch_are_reported_not_runnable(tmp_path):
     out = tmp_path / "out"
     assert reproduce.main([f"out={out}", f"claims_dir={tmp_path / 'bench'}", "claims=[C1,C5,C6,C8]"]) == 0
