@@ -243,7 +243,8 @@ def report(config: ReproduceConfig, specs: dict, uses: list[dict], out: Path, co
     return {"command": command, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "wall_seconds": wall, "seeds": list(config.seeds), "min_seeds": config.min_seeds,
             "verdict_rule": VERDICT_RULE, "trials": sorted(specs), "trials_run": ran, "trials_reused": len(specs) - ran,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "config": to_dict(config), "claims": claims}
+            "machine": f"{platform.machine()}, {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f} at the end",
+            "config": to_dict(config), "claims": claims}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
