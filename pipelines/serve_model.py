@@ -73,8 +73,7 @@ class VisionLanguageModel:
         if config.replica.batching == "continuous":
             replica = config.replica
             self.decoder = ContinuousDecoder(self.runtime, replica.max_batch_size, replica.join_group,
-                                             replica.join_wait_steps)
-            self.stream_interval_s = replica.stream_interval_s
+                                             replica.join_wait_steps, replica.stream_interval_s)
             self._sinks: dict[int, _Sink] = {}
             self._sinks_lock = threading.Lock()  # a request's sink exists before its first event
             self._wake = threading.Event()
@@ -93,7 +92,8 @@ class VisionLanguageModel:
                 events: list[TokenEvent | Exception] = self.decoder.step()
             except Exception as error:  # noqa: BLE001 - fail the requests in flight, keep serving new ones
                 old = self.decoder
-                self.decoder = ContinuousDecoder(self.runtime, old.max_batch_size, old.join_group, old.join_wait_steps)
+                self.decoder = ContinuousDecoder(self.runtime, old.max_batch_size, old.join_group, old.join_wait_steps,
+                                                 old.stream_interval_s)
                 with self._sinks_lock:
                     failed = list(self._sinks)
                 self._deliver([(i, error) for i in failed])
@@ -142,42 +142,33 @@ class VisionLanguageModel:
         and for beam search). The first piece of text and the last event leave at once; pieces in
         between leave at most every ``replica.stream_interval_s``, each holding every token decoded
         since the one before (each event is a hop through Ray and the HTTP proxy, which a replica
-        decoding 16 requests cannot pay per token). Closing the stream (the client went away) cancels
-        the request."""
+        decoding 16 requests cannot pay per token): the decode loop hands out only pieces that are due,
+        so nothing here wakes per token. Events that queued up while this stream waited on its consumer
+        leave as one. Closing the stream (the client went away) cancels the request."""
         if self.decoder is None or not supports(request.params):
             result = await self.generate_text(request)
             yield TokenEvent(0, result.text, result)
             return
-        loop = asyncio.get_running_loop()
         async with self._submitted(request, stream=True) as sink:
-            pending: TokenEvent | None = None  # decoded, not sent yet
-            sent_text, last_sent = False, 0.0
             while True:
-                if pending is not None and pending.text and sent_text:  # the next piece is due at a time
-                    try:
-                        item = await asyncio.wait_for(sink.queue.get(),
-                                                      max(0.0, last_sent + self.stream_interval_s - loop.time()))
-                    except TimeoutError:
-                        item = None
-                else:
-                    item = await sink.queue.get()
-                if item is not None:
-                    item = sink.take(item)
-                    pending = item if pending is None else TokenEvent(item.request_id, pending.text + item.text,
-                                                                      item.result)
-                if (item is None or pending.result is not None
-                        or pending.text and (not sent_text or loop.time() >= last_sent + self.stream_interval_s)):
-                    yield pending
-                    if pending.result is not None:
-                        return
-                    sent_text, last_sent, pending = sent_text or bool(pending.text), loop.time(), None
+                item = sink.take(await sink.queue.get())
+                while item.result is None and not sink.queue.empty():
+                    more = sink.take(sink.queue.get_nowait())
+                    item = TokenEvent(item.request_id, item.text + more.text, more.result)
+                if item.text or item.result is not None:
+                    yield item
+                if item.result is not None:
+                    return
 
-    def decoder_stats(self) -> dict[str, int]:
-        """Requests decoding now, waiting to join, and cancelled so far (their clients went away)."""
+    def decoder_stats(self) -> dict[str, int | float]:
+        """Requests decoding now, waiting to join, and cancelled so far (their clients went away); decode
+        steps, the rows they decoded and their seconds; prefills, their newcomers and their seconds."""
         if self.decoder is None:
             return {}
-        return {"running": len(self.decoder.running), "waiting": len(self.decoder._waiting),
-                "cancelled": self.decoder.cancelled}
+        d = self.decoder
+        return {"running": len(d.running), "waiting": len(d._waiting), "cancelled": d.cancelled,
+                "steps": d.steps, "step_rows": d.step_rows, "step_seconds": d.step_seconds,
+                "prefills": d.prefills, "prefill_rows": d.prefill_rows, "prefill_seconds": d.prefill_seconds}
 
     # -- @serve.batch: model calls run in a worker thread so that the event loop queues the next batch --
 

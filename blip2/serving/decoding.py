@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -73,9 +74,10 @@ class _Sequence:
     request: GenerationRequest
     prompt_ids: list[int]  # the LLM prompt (without the query positions)
     generator: torch.Generator | None  # sampling only
-    stream: bool = True  # an event every step (else only the last, with the whole text)
+    stream: bool = True  # events as text is decoded (else only the last, with the whole text)
     tokens: list[int] = field(default_factory=list)
     sent: str = ""  # text handed out so far
+    sent_at: float = 0.0  # when its last piece of text was handed out (time.monotonic)
 
     @property
     def params(self) -> GenerationParams:
@@ -91,16 +93,20 @@ class ContinuousDecoder:
     """The decode loop over one runtime's generative model (see the module docstring)."""
 
     def __init__(self, runtime: VisionLanguageRuntime, max_batch_size: int = 16, join_group: int = 1,
-                 join_wait_steps: int = 0) -> None:
-        if max_batch_size < 1 or join_group < 1 or join_wait_steps < 0:
-            raise ValueError(f"need max_batch_size >= 1, join_group >= 1, join_wait_steps >= 0; got "
-                             f"{max_batch_size}, {join_group}, {join_wait_steps}")
+                 join_wait_steps: int = 0, stream_interval_s: float = 0.0) -> None:
+        if max_batch_size < 1 or join_group < 1 or join_wait_steps < 0 or stream_interval_s < 0:
+            raise ValueError(f"need max_batch_size >= 1, join_group >= 1, join_wait_steps >= 0, stream_interval_s "
+                             f">= 0; got {max_batch_size}, {join_group}, {join_wait_steps}, {stream_interval_s}")
         self.runtime = runtime
         self.max_batch_size = max_batch_size
         self.join_group = join_group
         self.join_wait_steps = join_wait_steps
+        self.stream_interval_s = stream_interval_s
         self._held_steps = 0  # steps the oldest waiting request has been held back while others decode
         self.cancelled = 0  # requests dropped by cancel() before they finished
+        # Where the loop's time goes: decode steps (and the rows they decoded), prefills (and their newcomers).
+        self.steps = self.step_rows = self.prefills = self.prefill_rows = 0
+        self.step_seconds = self.prefill_seconds = 0.0
         self.model = unwrap(runtime.bundle.model)
         self.llm = self.model.language_model
         self.tokenizer = runtime.bundle.tokenizer
@@ -120,8 +126,10 @@ class ContinuousDecoder:
     # -- the queue (any thread) ---------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest, stream: bool = True) -> int:
-        """Queue ``request``; it joins the batch at a coming step (see :meth:`_may_join`). Its id names
-        its events: one per step it decodes if ``stream``, else only its last (its text decoded once)."""
+        """Queue ``request``; it joins the batch at a coming step (see :meth:`_joiners`). Its id names
+        its events: if ``stream``, one per step it decodes (``stream_interval_s`` 0), else the first
+        piece of text at once and later ones at most every ``stream_interval_s``, each with all the text
+        decoded since; without ``stream`` only its last (its text decoded once)."""
         if not supports(request.params):
             raise ValueError("beam search and repetition penalties are not decoded step by step: "
                              "use the runtime's generate")
@@ -168,9 +176,15 @@ class ContinuousDecoder:
         # Not under the runtime's lock: requests decoded outside the batch (beam search) run beside it.
         with torch.no_grad():
             if self.running:
+                start, rows = time.perf_counter(), len(self.running)
                 events += self._advance(self._decode_step())
+                self.steps, self.step_rows = self.steps + 1, self.step_rows + rows
+                self.step_seconds += time.perf_counter() - start
             if joiners:
+                start = time.perf_counter()
                 events += self._admit(joiners)
+                self.prefills, self.prefill_rows = self.prefills + 1, self.prefill_rows + len(joiners)
+                self.prefill_seconds += time.perf_counter() - start
         return events
 
     def _joiners(self) -> list[_Sequence]:
@@ -260,14 +274,22 @@ class ContinuousDecoder:
         rows = self.running[first_row:]
         chosen = self._choose(logits, rows)
         events, finished = [], []
+        now, interval = time.monotonic(), self.stream_interval_s
         for offset, (sequence, token) in enumerate(zip(rows, chosen, strict=True)):
             sequence.tokens.append(token)
             stopped = token == self.eos
             done = stopped or len(sequence.tokens) >= sequence.params.max_new_tokens
-            if sequence.stream or done:
-                events.append(self._event(sequence, stopped if done else None))
             if done:
+                events.append(self._event(sequence, stopped))
                 finished.append(first_row + offset)
+            elif sequence.stream and (not interval or not sequence.sent or now - sequence.sent_at >= interval):
+                # A piece is due: every step, or the first text, or the interval is over. Text is decoded
+                # only then (decoding every row's whole text at every step costs the loop time).
+                event = self._event(sequence, None)
+                if event.text:
+                    sequence.sent_at = now
+                if event.text or not interval:
+                    events.append(event)
         self._drop(finished)
         return events
 

@@ -198,3 +198,21 @@ def test_the_large_preset_costs_ten_times_the_toy_per_token_and_decodes_like_gen
     request = GenerationRequest(toy_images(1)[0], "what shape?", GenerationParams(max_new_tokens=8, min_new_tokens=8))
     (text, result), = run(ContinuousDecoder(large), {0: [request]}).values()
     assert result == large.generate([request])[0] and text == result.text
+
+
+def test_streamed_pieces_after_the_first_wait_for_the_interval_and_hold_all_text_since():
+    """stream_interval_s: the first piece of text leaves at once, later ones only once the interval is
+    over (here: never before the end), the last event at once; the pieces still add up to the answer."""
+    runtime = load_runtime("toy-opt")
+    request = GenerationRequest(toy_images(1)[0], None, GenerationParams(max_new_tokens=12, min_new_tokens=12))
+    every_step, spaced = ContinuousDecoder(runtime), ContinuousDecoder(runtime, stream_interval_s=3600.0)
+    (text, result), = run(every_step, {0: [request]}).values()
+    events = []
+    spaced.submit(request)
+    while spaced.has_work():
+        events += spaced.step()
+    first_text = next(i for i, e in enumerate(events) if e.text)
+    assert events[first_text + 1:] == events[-1:] and events[-1].result == result  # nothing in between
+    assert all(e.text for e in events) and "".join(e.text for e in events) == text == result.text
+    with pytest.raises(ValueError, match="stream_interval_s"):
+        ContinuousDecoder(runtime, stream_interval_s=-1)
