@@ -66,3 +66,22 @@ def test_the_backbone_build_time_is_the_shipped_report_s():
     seconds = f"{sum(report['train_seconds'].values()):.0f} s"
     assert seconds in (ROOT / "docs" / "toy-world-and-backbones.md").read_text()
     assert re.findall(r"(\d+) s of training", (ROOT / "README.md").read_text()) in ([], [seconds[:-2]])
+
+
+def test_the_readme_toy_config_block_is_the_committed_toy_runs_record(tmp_path, monkeypatch, capsys):
+    """The shipped toy configs' figures (benchmarks/toy_runs.py's record) are the README's, row for row."""
+    module = load()
+    record = json.loads(module.TOY_RUNS.read_text())
+    block = module.toy_block(record)
+    assert block in module.README.read_text()
+    assert {run["stage"] for run in record["runs"]} == {"stage1", "stage2", "instruct"}
+    for run in record["runs"]:  # every job's row, with its own held-out headline figure
+        figure = {"stage1": "t2i_r1_attribute_itc", "stage2": "caption_accuracy", "instruct": "accuracy/held_out"}
+        name = {"stage1": "coco_retrieval/test", "stage2": "coco_captions/test", "instruct": "vqav2/test"}
+        value = run["benchmarks"][name[run["stage"]]][figure[run["stage"]]]
+        assert f"{value:.2f}" in block or f"{value:.3f}" in block
+    held_out = record["runs"][-1]["benchmarks"]["vqav2/test"]["accuracy/held_out"]
+    readme = tmp_path / "README.md"
+    readme.write_text(module.README.read_text().replace(f"(zero-shot) {held_out:.3f}", "(zero-shot) 0.123", 1))
+    monkeypatch.setattr(module, "README", readme)
+    assert module.main(["--check"]) == 1 and "toy_runs.json" in capsys.readouterr().err
