@@ -1,8 +1,8 @@
 """The instruction mixture on Ray Data, and the held-out sources scored after training (Ray wiring only:
 ``blip2/training/mixture.py`` holds the sampling, ``blip2/training/templates.py`` the templates).
 
-Every held-in source becomes rows of the same three columns: ``image`` (encoded bytes), ``captions_json``
-and ``example_json``. The toy world's records stream in as every other training job reads them (their
+Every held-in source becomes rows of the same three columns: ``image`` (decoded and resized to the image
+encoder's size, as every training job's records are), ``captions_json`` and ``example_json``. The toy world's records stream in as every other training job reads them (their
 ``example_json`` is empty: their families are drawn from the caption); a file source's examples of one
 pass are drawn on the driver, shuffled, and read image by image (a missing or undecodable image is
 skipped and counted by source and reason). Held-out sources are scored zero-shot on the export by
@@ -49,12 +49,14 @@ def _file_source_reports(data: ray.data.Dataset, names: list[str]) -> list[dict]
     return reports
 
 
-def mixture_data(config: InstructConfig, records_data: Callable[..., tuple[ray.data.Dataset, dict]]
-                 ) -> tuple[ray.data.Dataset, dict]:
+def mixture_data(config: InstructConfig, records_data: Callable[..., tuple[ray.data.Dataset, dict]],
+                 image_size: int | None = None) -> tuple[ray.data.Dataset, dict]:
     """The held-in sources as one Ray Data dataset (one pass of the mixture), and the input's accounting:
     ``records_data(config, check_batch=False)`` reads the toy world's records (the training jobs' usual
     reader); the report adds each file source's counts to ``sources`` and the mixture under ``mixture``
-    (per held-in source: format, task type, size, probability, examples per pass)."""
+    (per held-in source: format, task type, size, probability, examples per pass). ``image_size``: the
+    file sources' images are decoded and resized to it in Ray Data, as ``records_data`` does the toy
+    world's (one image type in one dataset)."""
     sources = config.mixture_sources()
     held_in = [s for s in sources if not s.held_out]
     toy = next((s for s in held_in if s.format == "toyworld"), None)
@@ -75,7 +77,8 @@ def mixture_data(config: InstructConfig, records_data: Callable[..., tuple[ray.d
         raw = ray.data.from_items([rows[i] for i in order])  # Ray Data
         reports += _file_source_reports(raw, [s.name for s in files])
         parts = [p.map_batches(_with_empty_examples, batch_format="numpy") for p in parts]  # Ray Data
-        parts.append(raw.map_batches(example_records, batch_format="numpy", udf_modifying_row_count=True))
+        parts.append(raw.map_batches(example_records, fn_kwargs={"image_size": image_size},  # Ray Data
+                                     batch_format="numpy", udf_modifying_row_count=True))
     skipped: dict[str, int] = {}
     for report in reports:
         for reason, count in report["skipped"].items():

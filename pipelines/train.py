@@ -10,7 +10,7 @@ from a stage-2 output and tunes on a mixture of instruction tasks (the instructi
 
 Each Ray Train worker loads its own frozen backbones once; DDP wraps only what trains. Input comes from
 Ray Data (``get_dataset_shard``): the toy world's WebDataset shards, Parquet, or CapFilt's output
-(``train_data=``). A checkpoint (trainable weights, optimiser, scheduler, step, data position) is
+(``train_data=``), validated and decoded once (``pipelines/train_data.py``). A checkpoint (trainable weights, optimiser, scheduler, step, data position) is
 reported every ``checkpoint_every`` steps; running the same job again with the same ``name`` and
 ``storage_path`` resumes from the latest one, and a worker that dies is replaced and training continues
 from it (``max_failures``). At the end the driver exports the final checkpoint to ``model/``
@@ -44,27 +44,19 @@ from blip2.config import ConfigError, from_dict, to_dict
 from blip2.models.export import load_trainable
 from blip2.reporting import plot_curves
 from blip2.datasets.errors import DatasetError
-from blip2.toyworld.selection import check_report_split
 from blip2.training.config import InstructConfig, TrainConfig
-from blip2.training.data import skip_counts, training_records
-from blip2.training.features import FrozenImageEncoder
 from blip2.training.goodput import describe_goodput, time_split
 from blip2.training.loop import LoopClock, StepRunner
 from blip2.training.mixture import check_source_files
 from blip2.training.state import TRAINABLE, TrainingProgress, load_training_state, save_training_state
 from blip2.training.tasks import MODEL_DIR, TASKS, TrainingTask
 from pipelines.common import init_ray, job_parser, log, parse_config, quiet_progress_bars
-from pipelines.instruct_data import evaluate_held_out, mixture_data
+from pipelines.instruct_data import evaluate_held_out
+from pipelines.train_data import NotEnoughData, describe_input, feature_cache, training_data, worker_threads
 from pipelines.train_eval import check_eval_sets, evaluate_training_output
-from pipelines.toyworld import ToyWorldJobConfig, ensure_toyworld
 
 HISTORY = "history.json"  # loss curve, kept in every checkpoint so a resumed run continues it
 DEFAULT_CONFIGS = {"stage1": "stage1_toy.yaml", "stage2": "stage2_toy.yaml", "instruct": "instruct_toy.yaml"}
-FEATURE_CACHE = "feature_cache"
-
-
-def _threads(config: TrainConfig, cpus: float) -> int:
-    return config.scaling.torch_threads or max(1, int(cpus))
 
 
 def train_loop(payload: dict) -> None:
@@ -72,7 +64,7 @@ def train_loop(payload: dict) -> None:
     config_cls, task_cls = TASKS[payload["stage"]]
     config = from_dict(config_cls, payload["config"])
     quiet_progress_bars()
-    torch.set_num_threads(_threads(config, config.scaling.cpus_per_worker))
+    torch.set_num_threads(worker_threads(config, config.scaling.cpus_per_worker))
     context = ray.train.get_context()  # Ray
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()  # Ray
@@ -170,123 +162,6 @@ def _report(rank, model, optimizer, scheduler, progress, history, metrics, clock
 
 
 # ---------------------------------------------------------------------------------------------------
-# Input
-
-
-def _read_source(source: Path) -> ray.data.Dataset:
-    """One training source (a directory or a file of WebDataset tars or of Parquet), records as stored.
-
-    WebDataset members stay raw bytes (``decoder=None``): Ray's own decoders raise on one bad record (a
-    truncated JPEG, an alt-text that is not UTF-8) and one raise aborts the whole dataset, so images and
-    captions are validated record by record in :func:`training_records` instead."""
-    if not source.exists():
-        raise FileNotFoundError(f"train_data {source} does not exist")
-    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
-    tars = [str(p) for p in files if p.suffix == ".tar"]
-    parquets = [str(p) for p in files if p.suffix == ".parquet"]
-    if tars and not parquets:
-        return ray.data.read_webdataset(tars, decoder=None)  # Ray Data
-    if parquets and not tars:
-        return ray.data.read_parquet(parquets)  # Ray Data: toy-world Parquet or CapFilt's kept output
-    raise ValueError(f"{source}: expected WebDataset .tar shards or .parquet files (not both), "
-                     f"found {len(tars)} tar and {len(parquets)} parquet")
-
-
-class NotEnoughData(ValueError):
-    """The training data cannot fill one batch per worker: an epoch would yield no step."""
-
-
-def count_records(source: Path | str, data: ray.data.Dataset) -> dict:
-    """Read ``data`` once and count its records: kept, and skipped for each reason (a bad image, no
-    usable caption). This pass decodes every image once more than training alone would."""
-    counts: dict[str, int] = {}
-    for row in data.map_batches(skip_counts, batch_format="numpy", udf_modifying_row_count=True).iter_rows():
-        counts[row["reason"]] = counts.get(row["reason"], 0) + int(row["count"])  # Ray Data
-    kept = counts.pop("kept", 0)
-    return {"source": str(source), "records": kept + sum(counts.values()), "kept": kept,
-            "skipped": dict(sorted(counts.items()))}
-
-
-def describe_input(report: dict) -> str:
-    """``"1000 records, 980 kept, 20 skipped (truncated 3, non_utf8_caption 17)"``."""
-    skipped = report["skipped"]
-    reasons = ", ".join(f"{reason} {count}" for reason, count in skipped.items())
-    return (f"{report['records']} records, {report['kept']} kept, {sum(skipped.values())} skipped"
-            + (f" ({reasons})" if reasons else ""))
-
-
-def training_data(config: TrainConfig) -> tuple[ray.data.Dataset, dict]:
-    """The training records as one Ray Data dataset (lazy; streamed into the workers), and the input's
-    accounting: each source's records, kept and skipped by reason, and their totals. Instruction tuning
-    reads its mixture (the toy world's records among its sources, :func:`pipelines.instruct_data.mixture_data`).
-    Raises :class:`NotEnoughData` when the kept records cannot fill one batch on every worker."""
-    if isinstance(config, InstructConfig):
-        data, totals = mixture_data(config, records_data)
-        _check_one_batch(config, totals, [s.name for s in config.mixture_sources() if not s.held_out])
-        return data, totals
-    return records_data(config)
-
-
-def _check_one_batch(config: TrainConfig, totals: dict, sources: list) -> None:
-    workers, batch_size = config.scaling.num_workers, config.optim.batch_size
-    if totals["kept"] // workers < batch_size:
-        raise NotEnoughData(
-            f"train_data {', '.join(map(str, sources))}: {describe_input(totals)}; that is fewer than one batch "
-            f"of optim.batch_size={batch_size} on each of scaling.num_workers={workers} worker(s), so an "
-            f"epoch would give no full batch. Add data or lower optim.batch_size.")
-
-
-def records_data(config: TrainConfig, check_batch: bool = True) -> tuple[ray.data.Dataset, dict]:
-    """The captioned records of ``train_data`` (or the toy world's ``train_split``), as :func:`training_data`."""
-    if config.train_data:
-        sources = [Path(s) for s in config.train_data]
-    else:
-        check_report_split(config.train_split)  # training on test/novel would fit the reports to them
-        ensure_toyworld(ToyWorldJobConfig(out=config.toyworld, world=config.world))
-        sources = [Path(config.toyworld) / "webdataset" / config.train_split]
-    raw = [_read_source(source) for source in sources]
-    per_source = [count_records(source, data) for source, data in zip(sources, raw, strict=True)]
-    skipped: dict[str, int] = {}
-    for report in per_source:
-        for reason, count in report["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + count
-    totals = {"records": sum(r["records"] for r in per_source), "kept": sum(r["kept"] for r in per_source),
-              "skipped": dict(sorted(skipped.items())), "sources": per_source}
-    log(f"input: {describe_input(totals)} from {', '.join(map(str, sources))}")
-    if check_batch:
-        _check_one_batch(config, totals, sources)
-    # a web corpus has records without a usable image or alt-text; nothing can be trained on them
-    datasets = [data.map_batches(training_records, batch_format="numpy", udf_modifying_row_count=True)
-                for data in raw]
-    return (datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]), totals  # Ray Data
-
-
-def feature_cache(config: TrainConfig, task: TrainingTask, data: ray.data.Dataset) -> ray.data.Dataset:
-    """The frozen image encoder's outputs of every training record, computed once by a Ray Data stage
-    into ``<output>/feature_cache/`` (reused while the data source and the encoder are the same)."""
-    cache = config.output / FEATURE_CACHE
-    marker = cache / "_COMPLETE.json"
-    key = {"train_data": list(config.train_data) or f"{config.toyworld}:{config.train_split}",
-           "world": to_dict(config.world), "vision": str(task.backbones.vision)}
-    if marker.is_file() and json.loads(marker.read_text()) == key:
-        log(f"feature cache: reusing {cache}")
-        return ray.data.read_parquet(str(cache / "data"))
-    start = time.perf_counter()
-    scaling = config.scaling
-    encoded = data.map_batches(  # Ray Data: the encoder loads once per actor
-        FrozenImageEncoder, fn_constructor_kwargs={"vision_path": str(task.backbones.vision),
-                                                   "device": "cuda" if scaling.use_gpu else "cpu",
-                                                   "threads": _threads(config, scaling.cpus_per_worker)},
-        batch_size=config.optim.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=scaling.num_workers),
-        num_cpus=scaling.cpus_per_worker, num_gpus=scaling.gpus_per_worker if scaling.use_gpu else 0)
-    encoded.write_parquet(str(cache / "data"))
-    marker.write_text(json.dumps(key))
-    log(f"feature cache: wrote {cache} in {time.perf_counter() - start:.1f}s")
-    return ray.data.read_parquet(str(cache / "data"))
-
-
-# ---------------------------------------------------------------------------------------------------
 # The job
 
 
@@ -320,12 +195,16 @@ def fit(stage: str, config: TrainConfig, task: TrainingTask | None = None, start
     check_eval_sets(stage, config)
     task = task or TASKS[stage][1](config)
     phase = time.perf_counter()
-    data, input_report = training_data(config)
+    data, input_report = training_data(config, task.image_size)
     clock["input_check"] = time.perf_counter() - phase
     if config.feature_cache:
         phase = time.perf_counter()
         data = feature_cache(config, task, data)
         clock["feature_cache"] = time.perf_counter() - phase
+    if config.materialize_data:  # one pass now; every epoch then streams from the object store
+        phase = time.perf_counter()
+        data = data.materialize()  # Ray Data
+        clock["materialize"] = time.perf_counter() - phase
     if config.shuffle_buffer:  # sources come one after the other: mix their blocks, then shuffle locally
         data = data.randomize_block_order(seed=config.seed)  # Ray Data
     scaling = config.scaling

@@ -120,6 +120,9 @@ class TrainConfig:
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     feature_cache: bool = False  # precompute the frozen image encoder's outputs once (Ray Data) and train on them
     shuffle_buffer: int = 1000  # records each worker shuffles locally every epoch (with block order randomised); 0: off
+    # hold the prepared training records (decoded images or cached features) in Ray's object store after one
+    # pass, so that later epochs neither re-read nor re-decode them (it spills to disk when larger than the store)
+    materialize_data: bool = True
     checkpoint_every: int = 100
     checkpoints_to_keep: int = 2
     max_failures: int = 2

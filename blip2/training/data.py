@@ -84,8 +84,11 @@ def batch_images(batch: Mapping[str, Any], image_size: int) -> np.ndarray:
     (decoded by :func:`blip2.images.load_image`, the decoder CapFilt and Serve use) or decoded arrays;
     other sizes are resized. Records reach here through :func:`training_records`, which has already
     skipped every image that does not decode, so an error here is a bug, not bad data."""
+    column = _column(batch, IMAGE_COLUMNS, "image")
+    if isinstance(column, np.ndarray) and column.dtype == np.uint8 and column.shape[1:] == (image_size, image_size, 3):
+        return column  # decoded and resized already (training_records, in Ray Data)
     images = []
-    for value in _column(batch, IMAGE_COLUMNS, "image"):
+    for value in column:
         if isinstance(value, (bytes, bytearray, memoryview)):
             image = load_image(bytes(value), max_pixels=LIMITS.max_pixels, max_side=LIMITS.max_side)
             if image.size != (image_size, image_size):
@@ -151,21 +154,23 @@ def _batch_size(batch: Mapping[str, Any]) -> int:
     return len(next(iter(batch.values()))) if batch else 0
 
 
-def _image_problem(value: Any) -> str:
-    """"" for a usable image, else the reason it is skipped (a :data:`SKIP_REASONS` entry)."""
+def _decode(value: Any) -> tuple[np.ndarray | None, str]:
+    """A record's image decoded to uint8 RGB (H, W, 3) and "", or None and the reason it is skipped (a
+    :data:`SKIP_REASONS` entry). Validating an image means decoding it, so the decoded pixels are kept:
+    training then never decodes again on the step's critical path."""
     if value is None:
-        return "missing_image"
+        return None, "missing_image"
     if isinstance(value, np.ndarray) and value.dtype != object:  # already decoded
-        return "" if value.ndim == 3 and value.shape[-1] == 3 else "unsupported_mode"
+        ok = value.ndim == 3 and value.shape[-1] == 3
+        return (value.astype(np.uint8, copy=False), "") if ok else (None, "unsupported_mode")
     if not isinstance(value, (bytes, bytearray, memoryview)):
-        return "not_an_image"
+        return None, "not_an_image"
     if len(value) > LIMITS.max_image_bytes:
-        return "too_large"
+        return None, "too_large"
     try:
-        load_image(bytes(value), max_pixels=LIMITS.max_pixels, max_side=LIMITS.max_side)
+        return np.asarray(load_image(bytes(value), max_pixels=LIMITS.max_pixels, max_side=LIMITS.max_side)), ""
     except ImageError as error:
-        return error.reason
-    return ""
+        return None, error.reason
 
 
 def _captions(value: Any) -> tuple[list[str], str]:
@@ -184,8 +189,14 @@ def _captions(value: Any) -> tuple[list[str], str]:
     return texts, ("" if texts else issue)
 
 
+def _image_problem(value: Any) -> str:
+    """"" for a usable image, else the reason it is skipped (a :data:`SKIP_REASONS` entry)."""
+    return _decode(value)[1]
+
+
 def validate_records(batch: Mapping[str, Any]) -> tuple[list[Any], list[list[str]], list[str]]:
-    """Each record's image (as it came), its usable captions and why it is skipped ("" when kept)."""
+    """Each record's image (decoded to uint8 RGB; None when skipped), its usable captions and why it is
+    skipped ("" when kept)."""
     size = _batch_size(batch)
     images = _first_present(batch, IMAGE_COLUMNS, size)
     if CAPTIONS_JSON in batch:
@@ -193,15 +204,26 @@ def validate_records(batch: Mapping[str, Any]) -> tuple[list[Any], list[list[str
         choices = [(texts, "" if texts else "missing_caption") for texts, _ in choices]
     else:
         choices = [_captions(v) for v in _first_present(batch, TEXT_COLUMNS, size)]
-    reasons = []
+    decoded, reasons = [], []
     for image, (_, issue) in zip(images, choices, strict=True):
-        reasons.append(_image_problem(image) or issue)
-    return images, [texts for texts, _ in choices], reasons
+        array, problem = _decode(image)
+        decoded.append(array)
+        reasons.append(problem or issue)
+    return decoded, [texts for texts, _ in choices], reasons
 
 
-def training_records(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """A batch of any supported layout -> the two columns training reads: ``image`` (as it came: encoded
-    bytes or decoded uint8 arrays) and ``captions_json`` (each record's candidate captions as JSON text),
+def _resized(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 RGB (H, W, 3) -> (size, size, 3), bicubic (the image processors' resample)."""
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).convert("RGB").resize((size, size), Image.BICUBIC))
+
+
+def training_records(batch: Mapping[str, Any], image_size: int | None = None) -> dict[str, np.ndarray]:
+    """A batch of any supported layout -> the two columns training reads: ``image`` (decoded uint8 RGB: one
+    (B, H, W, 3) array when the images share a size, else an object array of (H, W, 3) arrays) and
+    ``captions_json`` (each record's candidate captions as JSON text); with ``image_size``, every image is
+    resized to it here (decoded and resized once, in Ray Data, not on every step of the training loop),
     without the records that cannot be trained on: an image that is missing or does not decode, or no
     usable caption (:func:`skip_counts` says how many of each).
 
@@ -209,11 +231,15 @@ def training_records(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
     CapFilt's output of a web crawl, as BLIP bootstraps) are read as one dataset."""
     images, choices, reasons = validate_records(batch)
     keep = [i for i, reason in enumerate(reasons) if not reason]
-    kept_images = np.empty(len(keep), dtype=object)
-    kept_images[:] = [images[i] for i in keep]
-    if keep and all(isinstance(images[i], np.ndarray) for i in keep) and \
-            len({images[i].shape for i in keep}) == 1:  # decoded images of one size stay one (B, H, W, 3) array
-        kept_images = np.stack([images[i] for i in keep]).astype(np.uint8)
+    kept = [_resized(images[i], image_size) if image_size else images[i] for i in keep]
+    if kept and len({image.shape for image in kept}) == 1:  # images of one size: one (B, H, W, 3) array
+        kept_images = np.stack(kept)
+    elif not kept and image_size:  # a block with nothing kept keeps the tensor type the other blocks have
+        kept_images = np.empty((0, image_size, image_size, 3), dtype=np.uint8)
+    else:
+        kept_images = np.empty(len(kept), dtype=object)
+        for i, image in enumerate(kept):
+            kept_images[i] = image
     return {"image": kept_images,
             CAPTIONS_JSON: np.array([json.dumps(choices[i]) for i in keep], dtype=object)}
 
@@ -221,8 +247,42 @@ def training_records(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
 def skip_counts(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """How many records of ``batch`` are kept and how many are skipped for each reason, as a small batch
     (``reason``, ``count``; "kept" for the kept ones) that is summed over a dataset."""
-    counts = Counter(reason or "kept" for reason in validate_records(batch)[2])
+    return _tally(validate_records(batch)[2])
+
+
+def _tally(reasons: Sequence[str]) -> dict[str, np.ndarray]:
+    counts = Counter(reason or "kept" for reason in reasons)
     return {"reason": np.array(list(counts), dtype=object), "count": np.array(list(counts.values()), dtype=np.int64)}
+
+
+# One pass instead of two: the counting pass and the training records' preparation each decode every image,
+# so a job that keeps its prepared records in memory validates, decodes and resizes once, counts the kept
+# and skipped records from that pass's ``reason`` column, then drops the skipped ones.
+REASON = "reason"
+
+
+def validated_records(batch: Mapping[str, Any], image_size: int) -> dict[str, np.ndarray]:
+    """Every record of ``batch``, kept or not: ``image`` (B, image_size, image_size, 3) uint8, decoded and
+    resized (zeros for a skipped record), ``captions_json`` and ``reason`` ("" when kept, else why it is
+    skipped). :func:`kept_records` then drops the skipped ones, :func:`reason_counts` counts them."""
+    images, choices, reasons = validate_records(batch)
+    blank = np.zeros((image_size, image_size, 3), dtype=np.uint8)
+    arrays = [blank if reason else _resized(image, image_size) for image, reason in zip(images, reasons, strict=True)]
+    return {"image": np.stack(arrays) if arrays else np.empty((0, image_size, image_size, 3), dtype=np.uint8),
+            CAPTIONS_JSON: np.array([json.dumps(texts) for texts in choices], dtype=object),
+            REASON: np.array(reasons, dtype=object)}
+
+
+def kept_records(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """:func:`validated_records`' output without its skipped records and ``reason`` column: the columns
+    :func:`training_records` gives."""
+    keep = np.asarray([not reason for reason in batch[REASON]], dtype=bool)
+    return {name: np.asarray(column)[keep] for name, column in batch.items() if name != REASON}
+
+
+def reason_counts(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """:func:`skip_counts` of :func:`validated_records`' output (reads its ``reason`` column only)."""
+    return _tally(list(batch[REASON]))
 
 
 def sample_captions(choices: Sequence[Sequence[str]], rng: np.random.Generator) -> list[str]:

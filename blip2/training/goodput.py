@@ -11,26 +11,30 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 LOOP_PHASES = ("data_wait", "batch_prep", "step_compute", "checkpointing")
-FIXED_COSTS = ("startup", "input_check", "feature_cache", "shutdown", "evaluation", "export")  # paid once per job
+# paid once per job, whatever its number of steps
+FIXED_COSTS = ("startup", "input_check", "feature_cache", "materialize", "shutdown", "evaluation", "export")
 
 
 def time_split(driver: Mapping[str, float], worker: Mapping[str, float]) -> dict:
-    """``driver``: ``started`` and ``finished`` (wall clock), ``fit_returned`` (wall clock) and the
-    seconds of ``input_check``, ``feature_cache``, ``evaluation`` and ``export``. ``worker``: rank 0's
-    loop clock (``loop_started`` wall clock, ``loop`` and :data:`LOOP_PHASES` seconds, ``samples``, and
-    from the probe ``step_samples_per_s``, ``probe_steps``, ``probe``).
+    """``driver``: ``started``, ``fit_returned`` and ``finished`` (wall clock), and the seconds of
+    ``input_check``, ``feature_cache``, ``materialize`` (optional), ``evaluation`` and ``export``.
+    ``worker``: rank 0's loop clock (``loop_started`` wall clock, ``loop`` and :data:`LOOP_PHASES`
+    seconds, ``samples``, and from the probe ``step_samples_per_s``, ``probe_steps``, ``probe``).
 
     Returns ``{"seconds": {phase: s, ..., "wall": s}, "fractions": {phase: share of wall},
     "goodput": {...}}``. Phases: ``startup`` (Ray, the worker group, building the model: up to the first
-    batch request), ``input_check`` (counting and validating the input), ``feature_cache``, the loop's
-    ``data_wait`` / ``batch_prep`` / ``step_compute`` / ``checkpointing`` / ``loop_other`` (logging,
-    bookkeeping), ``probe`` (timing the step alone), ``shutdown`` (the last checkpoint's upload, the worker
-    group's end), ``evaluation`` and ``export`` (loading the checkpoint, export, curve, report)."""
+    batch request), ``input_check`` (counting and validating the input), ``feature_cache``,
+    ``materialize`` (the prepared records into the object store), the loop's ``data_wait`` /
+    ``batch_prep`` / ``step_compute`` / ``checkpointing`` / ``loop_other`` (logging, bookkeeping),
+    ``probe`` (timing the step alone), ``shutdown`` (the last checkpoint's upload, the worker group's
+    end), ``evaluation`` and ``export`` (loading the checkpoint, export, curve, report)."""
     loop = worker["loop"]
     probe = worker.get("probe", 0.0)
     seconds = {
-        "startup": worker["loop_started"] - driver["started"] - driver["input_check"] - driver["feature_cache"],
+        "startup": (worker["loop_started"] - driver["started"] - driver["input_check"] - driver["feature_cache"]
+                    - driver.get("materialize", 0.0)),
         "input_check": driver["input_check"], "feature_cache": driver["feature_cache"],
+        "materialize": driver.get("materialize", 0.0),
         **{phase: worker[phase] for phase in LOOP_PHASES},
         "loop_other": loop - sum(worker[phase] for phase in LOOP_PHASES),
         "probe": probe,

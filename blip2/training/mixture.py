@@ -30,7 +30,7 @@ from blip2.datasets.errors import DatasetError
 from blip2.datasets.instructions import load_aokvqa, load_llava
 from blip2.datasets.questions import load_gqa, load_vqa
 from blip2.training.config import InstructionSource
-from blip2.training.data import _image_problem
+from blip2.training.data import _decode, _image_problem, _resized
 from blip2.training.templates import example_payload
 
 EXAMPLE_JSON = "example_json"  # the column carrying each example's payload ("" for the toy world's records)
@@ -146,14 +146,32 @@ def _read(path: str) -> tuple[bytes | None, str]:
     return data, _image_problem(data)
 
 
-def example_records(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Rows of :func:`mixture_rows` -> the training columns (``image`` bytes, ``captions_json`` empty,
+def _read_decoded(path: str, image_size: int) -> tuple[np.ndarray | None, str]:
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None, "missing_image"
+    image, problem = _decode(data)
+    return (None, problem) if problem else (_resized(image, image_size), "")
+
+
+def example_records(batch: Mapping[str, Any], image_size: int | None = None) -> dict[str, np.ndarray]:
+    """Rows of :func:`mixture_rows` -> the training columns (``image``, ``captions_json`` empty,
     ``example_json``), without those whose image is missing or does not decode (counted by
-    :func:`example_skip_counts`)."""
-    read = [_read(str(p)) for p in batch["path"]]
+    :func:`example_skip_counts`). ``image``: encoded bytes, or with ``image_size`` decoded and resized
+    once here, (B, image_size, image_size, 3) uint8, as :func:`blip2.training.data.training_records` gives
+    the other sources' (one image type in one mixture)."""
+    if image_size:
+        read = [_read_decoded(str(p), image_size) for p in batch["path"]]
+    else:
+        read = [_read(str(p)) for p in batch["path"]]
     keep = [i for i, (_, reason) in enumerate(read) if not reason]
-    images = np.empty(len(keep), dtype=object)
-    images[:] = [read[i][0] for i in keep]
+    if image_size:
+        images = np.stack([read[i][0] for i in keep]) if keep else \
+            np.empty((0, image_size, image_size, 3), dtype=np.uint8)
+    else:
+        images = np.empty(len(keep), dtype=object)
+        images[:] = [read[i][0] for i in keep]
     return {"image": images, "captions_json": np.array(["[]"] * len(keep), dtype=object),
             EXAMPLE_JSON: np.array([batch[EXAMPLE_JSON][i] for i in keep], dtype=object)}
 

@@ -5,7 +5,17 @@ from transformers import AutoTokenizer
 
 from blip2.backbones.build import find_backbones
 from blip2.toyworld.corpus import ToyWorldConfig, generate_split
-from blip2.training.data import batch_images, caption_choices, match_ids, skip_counts, stage1_batch, training_records
+from blip2.training.data import (
+    batch_images,
+    caption_choices,
+    kept_records,
+    match_ids,
+    reason_counts,
+    skip_counts,
+    stage1_batch,
+    training_records,
+    validated_records,
+)
 from tests import badcorpus
 
 
@@ -50,3 +60,18 @@ def test_bad_records_are_skipped_and_counted_by_reason_in_every_layout():
         assert len(kept["image"]) == expected["kept"]
         assert all("\x00" not in text for texts in caption_choices(kept) for text in texts)  # NUL removed
         assert batch_images(kept, 32).shape == (expected["kept"], 32, 32, 3)  # CMYK, 16-bit, RGBA: RGB now
+        resized = training_records(batch, image_size=32)["image"]  # decoded and resized once, in Ray Data
+        assert resized.dtype == np.uint8 and np.array_equal(resized, batch_images(kept, 32))
+        assert batch_images({"image": resized}, 32) is resized  # nothing left for the training step to do
+        # one pass instead of two: every record validated and decoded once, counted from its reason, then kept
+        validated = validated_records(batch, image_size=32)
+        assert validated["image"].shape == (len(bad), 32, 32, 3) and len(validated["reason"]) == len(bad)
+        tally = reason_counts(validated)
+        assert dict(zip(tally["reason"], tally["count"].tolist())) == expected, name
+        one_pass = kept_records(validated)
+        assert set(one_pass) == {"image", "captions_json"} and np.array_equal(one_pass["image"], resized)
+        assert list(one_pass["captions_json"]) == list(kept["captions_json"])
+    empty = training_records({"image": column([None], None), "text": column(["a caption"], None)}, image_size=32)
+    assert empty["image"].shape == (0, 32, 32, 3)  # Ray Data unifies it with the other blocks' tensors
+    assert kept_records(validated_records({"image": column([None], None), "text": column(["a"], None)}, 32)
+                        )["image"].shape == (0, 32, 32, 3)

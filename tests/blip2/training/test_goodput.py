@@ -21,6 +21,8 @@ def test_phases_add_up_to_the_wall_time_and_goodput_is_the_loop_over_its_own_ste
     assert goodput["fixed_fraction"] == pytest.approx(sum(seconds[k] for k in FIXED_COSTS) / 90, abs=1e-3)
     line = describe_goodput(split)
     assert line.startswith("goodput 0.80 (50 of 62 samples/s); 90s: step 53%")
+    kept = time_split({**DRIVER, "materialize": 1.0}, WORKER)["seconds"]  # records held in the object store
+    assert kept["materialize"] == 1.0 and kept["startup"] == 9.0 and kept["wall"] == 90.0
 
 
 def test_without_a_probe_the_line_gives_the_job_rate_alone():

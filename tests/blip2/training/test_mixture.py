@@ -108,6 +108,8 @@ def test_gpu_config_names_no_toy_family_and_builds_its_mixture_over_tiny_files_l
     assert all(p["answer"] not in ("red ", "2") for p in vqa)  # the most common of the ten answers
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
     assert len(example_records(batch)["image"]) == len(rows)  # every image read and decoded
+    decoded = example_records(batch, image_size=32)["image"]  # decoded and resized once, as the toy world's
+    assert decoded.shape == (len(rows), 32, 32, 3) and decoded.dtype == np.uint8
     rows[0]["path"] = str(files / "missing.jpg")
     counts = example_skip_counts({k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]})
     assert dict(zip(counts["reason"], counts["count"]))[f"{rows[0]['source']}:missing_image"] == 1
