@@ -178,11 +178,13 @@ def test_stage1_stage2_instruct_chain_on_every_input_kind(tmp_path, ray_local, c
     assert f"{len(skipped)} skipped (" in printed and "non_utf8_caption 1" in printed
     parquet = tmp_path / "world" / "parquet" / "clean"
     assert train.main(["stage2", *common, f"stage1={stage1}", "name=s2-t5", "llm=t5", f"train_data={parquet}",
+                       "materialize_data=false",  # streamed: a counting pass, then decoded every epoch
                        "eval=[{task: coco_captions, split: test, limit: 4}]"]) == 0
     for name in ("s2-opt", "s2-t5"):
         report = json.loads((runs / name / "report.json").read_text())
         assert report["steps"] == 2 and 0 <= report["headline"]["caption_accuracy"] <= 1
         assert report["eval"]["num_images"] == 4 and 0 <= report["eval"]["cider_d"]
+        assert (report["time_split"]["seconds"]["materialize"] > 0) == (name == "s2-opt")
 
     # CapFilt's kept output: a list of captions per record
     import pyarrow as pa
