@@ -40,7 +40,7 @@ class ReplicaSettings:
     batch_wait_timeout_s: float = 0.01  # @serve.batch: how long a batch waits to fill
     join_group: int = 4  # continuous: while others decode, newcomers join (are prefilled) this many at once...
     join_wait_steps: int = 4  # ... or after waiting this many decode steps
-    stream_interval_s: float = 0.05  # continuous: streamed text after the first piece leaves at most this often
+    stream_interval_s: float = 0.1  # continuous: streamed text after the first piece leaves at most this often
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
     graceful_shutdown_timeout_s: float = 20.0  # a replica being removed finishes its requests for this long
