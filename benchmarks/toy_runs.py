@@ -22,7 +22,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from benchmarks.run_all import machine  # noqa: E402
 from blip2.config import load_config  # noqa: E402
 from blip2.training.tasks import TASKS  # noqa: E402
 from pipelines.common import CONFIG_DIR, init_ray, quiet_progress_bars  # noqa: E402
+from pipelines.demo_record import commit as git_commit  # noqa: E402
 from pipelines.toyworld import ToyWorldJobConfig, ensure_toyworld  # noqa: E402
 from pipelines.train import DEFAULT_CONFIGS, fit  # noqa: E402
 
@@ -96,16 +96,6 @@ def run(stage1_seeds: list[int], instruct_seeds: list[int], storage: Path, extra
     return runs
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out.stdout.strip() + ("+local changes" if dirty else "")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage1-seeds", type=_seeds, default=[0], help="stage-1 seeds (default: 0); stage 2 "
@@ -117,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", help="keep the runs here (default: a temporary directory, removed after)")
     parser.add_argument("--out", default=str(RECORD), help="the record to write (default: %(default)s)")
     args = parser.parse_args(argv)
-    commit, load_before = _commit(), os.getloadavg()[0]  # the code that runs: read before the first job
+    commit, load_before = git_commit(), os.getloadavg()[0]  # the code that runs: read before the first job
     started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         storage = Path(args.storage).resolve() if args.storage else Path(scratch)
