@@ -108,8 +108,7 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in (
           "held-out average falls without instruction-aware visual features",
           arms=(Arm("instruction-aware", "instruct"), Arm("instruction-unaware", "instruct",
                                                           ("qformer_instruction=false",))),
-          needs="switch qformer_instruction (an InstructBLIP whose Q-Former sees no instruction, in training "
-                "and in evaluation)", **_HELD_OUT),
+          **_HELD_OUT),
     Claim("C6", "BLIP, Table 2 (synthetic captions: nucleus sampling vs beam search)",
           "CapFilt with nucleus-sampled synthetic captions beats beam search downstream.",
           "nucleus sampling beats beam search downstream despite noisier captions (the table's figures are to be copied in)",

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from blip2.models.instruct import encode_qformer_instructions
+from blip2.models.instruct import encode_qformer_instructions, instruction_aware
 from blip2.models.stage2 import encode_with_left_truncation, unwrap, with_image_tokens
 
 
@@ -156,7 +156,8 @@ def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase 
         raise ValueError("InstructBLIP needs the Q-Former's tokenizer: pass qformer_tokenizer or a processor")
     if len(instructions) != pixel_values.shape[0]:
         raise ValueError(f"{pixel_values.shape[0]} images but {len(instructions)} instructions")
-    qformer_ids, qformer_mask = encode_qformer_instructions(qformer_tokenizer, instructions, max_qformer_length)
+    qformer_ids, qformer_mask = encode_qformer_instructions(qformer_tokenizer, instructions, max_qformer_length,
+                                                            instruction_aware(model.config))
     ids = generate_ids(model, tokenizer, pixel_values, instructions, params, seed, max_text_length,
                        qformer_ids, qformer_mask)
     return decode(tokenizer, ids)

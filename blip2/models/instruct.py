@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -128,15 +129,25 @@ def build_instruct_model(stage2_model: nn.Module, qformer_tokenizer: PreTrainedT
     return model
 
 
+def instruction_aware(config: Any) -> bool:
+    """Whether an InstructBLIP model's Q-Former reads the instruction (InstructBLIP's instruction-aware
+    visual features; the default). A model tuned with ``qformer_instruction=false`` (the ablation of
+    InstructBLIP's Table 3) says so in its config (``qformer_instruction: false`` in ``config.json``, an
+    attribute transformers keeps); its Q-Former is given an empty instruction, in training and after."""
+    return bool(getattr(config, "qformer_instruction", True))
+
+
 def encode_qformer_instructions(qformer_tokenizer: PreTrainedTokenizerBase, instructions: Sequence[str],
-                                max_length: int | None) -> tuple[Tensor, Tensor]:
+                                max_length: int | None, aware: bool = True) -> tuple[Tensor, Tensor]:
     """``[CLS] instruction [SEP]`` for InstructBLIP's Q-Former, cut from the left to ``max_length`` and
-    right-padded: ``qformer_input_ids``, ``qformer_attention_mask``, (B, S).
+    right-padded: ``qformer_input_ids``, ``qformer_attention_mask``, (B, S). ``aware=False`` (a model for
+    which :func:`instruction_aware` is false): ``[CLS] [SEP]`` for every instruction.
 
     Right-padded whatever the LLM tokenizer's side: the Q-Former numbers text positions from 0 whatever
     the mask says, so left padding would shift an instruction's positions by its batch-mates' lengths.
     (transformers' ``InstructBlipProcessor`` pads the Q-Former text on the *LLM* tokenizer's side.)"""
-    ids = encode_with_left_truncation(qformer_tokenizer, instructions, max_length)
+    ids = encode_with_left_truncation(qformer_tokenizer, instructions if aware else [""] * len(instructions),
+                                      max_length)
     mask = pad_sequences([[1] * len(s) for s in ids], 0, "right")
     return pad_sequences(ids, qformer_tokenizer.pad_token_id, "right"), mask
 
@@ -153,6 +164,7 @@ def build_instruct_batch(tokenizer: PreTrainedTokenizerBase, qformer_tokenizer: 
     batch = build_stage2_batch(tokenizer, config, pixel_values, targets, instructions, max_text_length,
                                max_target_length)
     qformer_input_ids, qformer_attention_mask = encode_qformer_instructions(qformer_tokenizer, instructions,
-                                                                            max_qformer_length)
+                                                                            max_qformer_length,
+                                                                            instruction_aware(config))
     return Blip2Batch(batch.pixel_values, batch.input_ids, batch.attention_mask, batch.labels,
                       qformer_input_ids, qformer_attention_mask)

@@ -50,7 +50,7 @@ from torch import Tensor
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from blip2.models.generation import GenerationParams
-from blip2.models.instruct import encode_qformer_instructions
+from blip2.models.instruct import encode_qformer_instructions, instruction_aware
 from blip2.models.stage2 import encode_with_left_truncation, unwrap, with_image_tokens
 from blip2.serving.requests import GenerationRequest
 from blip2.serving.runtime import GenerationResult, VisionLanguageRuntime
@@ -227,7 +227,8 @@ class ContinuousDecoder:
         pixel_values = pixel_values.to(model.vision_model.embeddings.patch_embedding.weight.dtype)
         if runtime.is_instruct:
             qformer_ids, qformer_mask = encode_qformer_instructions(
-                runtime.bundle.qformer_tokenizer, runtime.qformer_texts(requests), runtime.qformer_length)
+                runtime.bundle.qformer_tokenizer, runtime.qformer_texts(requests), runtime.qformer_length,
+                instruction_aware(model.config))
             features = model.get_image_features(pixel_values, qformer_input_ids=qformer_ids.to(device),
                                                 qformer_attention_mask=qformer_mask.to(device))
         else:

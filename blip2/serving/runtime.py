@@ -32,7 +32,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from blip2.backbones.build import find_backbones
 from blip2.models.export import ModelBundle, import_pretrained, import_stage1
 from blip2.models.generation import GenerationParams, decode, generate_ids
-from blip2.models.instruct import encode_qformer_instructions
+from blip2.models.instruct import encode_qformer_instructions, instruction_aware
 from blip2.models.presets import load_preset, preset_names
 from blip2.models.qformer import Blip2QFormerForPretraining
 from blip2.models.scoring import itc_similarity, itm_probability
@@ -166,7 +166,8 @@ class VisionLanguageRuntime:
             pixel_values = self._pixels(self.bundle.image_processor, [r.image for r in requests])
             if self.is_instruct:
                 qformer_ids, qformer_mask = encode_qformer_instructions(
-                    self.bundle.qformer_tokenizer, self.qformer_texts(requests), self.qformer_length)
+                    self.bundle.qformer_tokenizer, self.qformer_texts(requests), self.qformer_length,
+                    instruction_aware(self.bundle.model.config))
             ids = generate_ids(self.bundle.model, tokenizer, pixel_values, prompts, params, seed, max_text_length,
                                qformer_ids, qformer_mask).cpu()  # (B, L)
         texts = decode(tokenizer, ids)

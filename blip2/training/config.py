@@ -365,6 +365,9 @@ class InstructConfig(TrainConfig):
     max_qformer_length: int = 32
     max_text_length: int = 32
     max_target_length: int = 32
+    # false: the Q-Former is given no instruction (an empty one), in training and in the export's use: the
+    # instruction-unaware ablation of InstructBLIP's Table 3; the instruction still reaches the LLM
+    qformer_instruction: bool = True
     sources: tuple[InstructionSource, ...] = ()  # the mixture; empty: the toy world alone (TOY_SOURCE)
     mixture_epoch: int = 0  # examples per pass over the mixture; 0: see blip2.training.mixture.epoch_counts
 

@@ -315,7 +315,10 @@ class InstructTask(_GenerativeTask):
         bundle = import_pretrained(self.stage2_dir)
         state_dict, _ = _stage1_state_dict(self._stage1_dir())
         torch.manual_seed(self.config.seed)
-        return self._built(build_instruct_model(bundle.model, self.qformer_tokenizer, state_dict))
+        model = build_instruct_model(bundle.model, self.qformer_tokenizer, state_dict)
+        if not self.config.qformer_instruction:  # the ablation: recorded in the config, so the export keeps it
+            model.config.qformer_instruction = False
+        return self._built(model)
 
     def draw_tasks(self, captions: Sequence[str], rng: np.random.Generator) -> list[tuple[str, str]]:
         """(instruction, answer) for each caption: a family drawn from the √size mixture, a phrasing drawn

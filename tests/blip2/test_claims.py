@@ -45,7 +45,7 @@ def test_every_claim_c1_to_c8_is_listed_with_two_arms():
         assert len(claim.arms) == 2 and claim.arms[0].name != claim.arms[1].name
         assert {arm.stage for arm in claim.arms} <= {"stage1", "stage2", "instruct"}
     assert CLAIMS["C8"].direction == 0  # reported, not judged
-    assert [c for c, claim in CLAIMS.items() if claim.needs] == ["C1", "C5", "C6", "C8"]
+    assert [c for c, claim in CLAIMS.items() if claim.needs] == ["C1", "C6", "C8"]
 
 
 def _trials(claim, values):
@@ -75,8 +75,8 @@ def test_summary_and_markdown_list_every_trial():
 
 
 def test_a_claim_without_its_switch_is_not_runnable_and_says_what_it_needs():
-    summary = summarise(CLAIMS["C5"], [], min_seeds=5)
-    assert summary["verdict"].startswith("not runnable: needs switch qformer_instruction")
+    summary = summarise(CLAIMS["C6"], [], min_seeds=5)
+    assert summary["verdict"].startswith("not runnable: needs a CapFilt step")
     assert not summary["holds"]
 
 

@@ -52,46 +52,50 @@ def test_quick_run_reports_every_trial_and_resumes(tmp_path, monkeypatch, capsys
 
 @pytest.mark.slow
 def test_stage2_and_instruct_trials_start_from_their_seeds_stage_before(tmp_path):
-    """C4 and C7 at --quick's budgets, one seed: stage 2 trains from the stage-1 recipe's trial, instruction
+    """C4, C5 and C7 at --quick's budgets, one seed: stage 2 trains from the stage-1 recipe's trial, instruction
     tuning from stage 2's, the fresh-Q-Former arm from no stage-1 weights; C7's stage-2 arm is C4's trial
     scored on questions too. (About 20 s in this process; the slow tier, since CI's quick run covers stage 1.)"""
     out = tmp_path / "chain"
-    assert reproduce.main(["--quick", f"out={out}", "claims=[C4,C7]", "seeds=[0]"]) == 0
+    assert reproduce.main(["--quick", f"out={out}", "claims=[C4,C5,C7]", "seeds=[0]"]) == 0
     claims = json.loads((out / "claims.json").read_text())
-    assert len(claims["trials"]) == 4  # stage 1 recipe, stage 2 from it and fresh, instruct
+    assert len(claims["trials"]) == 5  # stage 1 recipe, stage 2 from it and fresh, instruct and its C5 ablation
     records = {key: json.loads((out / "trials" / f"{key}.json").read_text()) for key in claims["trials"]}
     by_stage = {}
     for record in records.values():
         by_stage.setdefault(record["stage"], []).append(record)
     stage1, = by_stage["stage1"]
-    instruct, = by_stage["instruct"]
+    instruct, = [r for r in by_stage["instruct"] if r["config"]["qformer_instruction"]]
+    unaware, = [r for r in by_stage["instruct"] if not r["config"]["qformer_instruction"]]
+    assert unaware["upstream"] == instruct["upstream"]  # C5's arms differ in the switch alone
+    c5 = claims["claims"]["C5"]
+    assert c5["runnable"] and {t["arm"] for t in c5["trials"]} == {"instruction-aware", "instruction-unaware"}
     assert {r["upstream"] for r in by_stage["stage2"]} == {stage1["key"]}
     assert all(r["config"]["stage1"] == str(out / "trials" / stage1["key"]) for r in by_stage["stage2"])
     assert records[instruct["upstream"]]["config"]["qformer_from_stage1"]
     c4, c7 = claims["claims"]["C4"], claims["claims"]["C7"]
     assert {t["key"] for t in c7["trials"] if t["arm"] == "stage 2, prompted"} <= {t["key"] for t in c4["trials"]}
     assert {"coco_captions/test", "vqav2/test", "vqav2/novel"} <= set(records[instruct["upstream"]]["benchmarks"])
-    for entry in (c4, c7):
+    for entry in (c4, c5, c7):
         assert entry["summary"]["verdict"] == "not enough seeds"
         assert all(0 <= t["values"]["test"] <= 1 for t in entry["trials"])
 
 
 def test_claims_without_their_switch_are_reported_not_runnable(tmp_path):
     out = tmp_path / "out"
-    assert reproduce.main([f"out={out}", f"claims_dir={tmp_path / 'bench'}", "claims=[C1,C5,C6,C8]"]) == 0
+    assert reproduce.main([f"out={out}", f"claims_dir={tmp_path / 'bench'}", "claims=[C1,C6,C8]"]) == 0
     claims = json.loads((tmp_path / "bench" / "claims.json").read_text())
     assert claims["trials"] == []
-    for claim_id, needs in (("C1", "CapFilt"), ("C5", "qformer_instruction"), ("C6", "beam"), ("C8", "backbone")):
+    for claim_id, needs in (("C1", "CapFilt"), ("C6", "beam"), ("C8", "backbone")):
         entry = claims["claims"][claim_id]
         assert not entry["runnable"] and entry["summary"]["verdict"].startswith("not runnable: needs")
         assert needs in entry["summary"]["verdict"]
-    assert "not runnable: needs switch qformer_instruction" in (tmp_path / "bench" / "CLAIMS.md").read_text()
+    assert "not runnable: needs a backbone build per arm" in (tmp_path / "bench" / "CLAIMS.md").read_text()
 
 
 def test_arms_are_overrides_of_the_stage_configs_and_chain_by_seed():
     specs, uses = trial_specs(ReproduceConfig(seeds=(0, 1)))
     by_use = {(u["claim"], u["arm"], u["seed"]): specs[u["key"]] for u in uses}
-    assert {c for c, _, _ in by_use} == {"C2", "C3", "C4", "C7"}  # the runnable claims
+    assert {c for c, _, _ in by_use} == {"C2", "C3", "C4", "C5", "C7"}  # the runnable claims
     c3 = by_use["C3", "ITC+ITM", 1]
     assert c3["base"]["loss"]["itg_weight"] == 0 and c3["base"]["seed"] == 1
     assert by_use["C2", "ITC alone", 0] is by_use["C3", "ITC+ITM+ITG", 0]  # shared arms run once
@@ -100,7 +104,7 @@ def test_arms_are_overrides_of_the_stage_configs_and_chain_by_seed():
     assert fresh["upstream"] == by_use["C3", "ITC+ITM+ITG", 0]["key"]  # stage 2 starts from stage 1's recipe
     assert by_use["C7", "stage 2, prompted", 1] is by_use["C4", "from stage 1", 1]
     assert by_use["C7", "instruction-tuned", 1]["upstream"] == by_use["C4", "from stage 1", 1]["key"]
-    assert len({s["key"] for s in specs.values()}) == len(specs) == 2 * (2 + 2 + 1)  # stage1 x2, stage2 x2, instruct
+    assert len({s["key"] for s in specs.values()}) == len(specs) == 2 * (2 + 2 + 2)  # stage1 x2, stage2 x2, instruct x2
 
 
 def test_a_trial_cannot_train_on_a_report_split(tmp_path):

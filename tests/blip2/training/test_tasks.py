@@ -229,3 +229,56 @@ def test_feature_cache_of_capfilt_output_keeps_every_caption_parquet_safe(record
     assert cached[CAPTIONS_JSON].dtype == object and isinstance(cached[CAPTIONS_JSON][0], str)  # no pickled lists
     assert caption_choices(cached) == caption_choices(batch)
     assert caption_choices(FrozenImageEncoder(task.backbones.vision)(training_records(batch))) == caption_choices(batch)
+
+
+def test_an_instruction_unaware_qformer_is_a_switch_the_export_keeps(records, stage1_dir, tmp_path):
+    """``qformer_instruction=false`` (InstructBLIP's Table 3 ablation): the Q-Former is given an empty
+    instruction in training batches and, read from the exported config, when the export answers; the LLM
+    still gets the instruction."""
+    from blip2.datasets.predict import SetPredictor
+    from blip2.images import load_image as read_image_bytes
+    from blip2.models.generation import decode, generate_answers, generate_ids
+    from blip2.models.instruct import encode_qformer_instructions, instruction_aware
+
+    assert InstructConfig().qformer_instruction
+    stage2 = Stage2Task(Stage2Config(world=WORLD, stage1=str(stage1_dir), llm="opt"))
+    stage2.export(stage2.build_model(), tmp_path / "stage2" / "model")
+    (tmp_path / "stage2" / "report.json").write_text(json.dumps({"config": {"stage1": str(stage1_dir)}}))
+    tasks = {"stage2": str(tmp_path / "stage2"), "world": WORLD}
+    aware, unaware = InstructTask(InstructConfig(**tasks)), InstructTask(InstructConfig(**tasks, qformer_instruction=False))
+    rng = lambda: np.random.default_rng(0)  # noqa: E731
+    batch = layouts(records)["parquet"]
+    aware.build_model()
+    model = unaware.build_model()
+    told, blind = aware.make_batch(batch, rng()), unaware.make_batch(batch, rng())
+    assert torch.equal(told["input_ids"], blind["input_ids"])  # the same instructions reach the LLM
+    empty, _ = encode_qformer_instructions(unaware.qformer_tokenizer, [""] * len(records), None)
+    assert torch.equal(blind["qformer_input_ids"], empty) and told["qformer_input_ids"].shape[1] > empty.shape[1]
+    exported = import_pretrained(unaware.export(model, tmp_path / "instruct" / "model"))
+    assert not instruction_aware(exported.model.config)
+    assert json.loads((tmp_path / "instruct" / "model" / "config.json").read_text())["qformer_instruction"] is False
+    pixels = unaware._pixels(batch)[:2]
+    questions = ["what colour is the shape?", "name the shape."]
+    ids, mask = encode_qformer_instructions(unaware.qformer_tokenizer, ["", ""], None)
+    told_ids, told_mask = encode_qformer_instructions(unaware.qformer_tokenizer, questions, None)
+    seen = []  # what the Q-Former is given when the export answers (the real model, observed)
+
+    def observe(model):
+        image_features = model.get_image_features
+
+        def observed(*args, **kwargs):
+            seen.append(kwargs["qformer_input_ids"].cpu())
+            return image_features(*args, **kwargs)
+
+        model.get_image_features = observed
+
+    predictor = SetPredictor(str(tmp_path / "instruct" / "model"), retrieval=False)  # blip2 evaluate's and Serve's path
+    observe(predictor.runtime.bundle.model)
+    predictor.generate([read_image_bytes(r.image) for r in records[:2]], questions)
+    observe(exported.model)
+    answers = generate_answers(exported.model, exported.tokenizer, pixels, questions,
+                               qformer_tokenizer=exported.qformer_tokenizer)
+    assert len(seen) == 2 and all(torch.equal(s, ids) for s in seen) and not torch.equal(ids, told_ids[:, : ids.shape[1]])
+    expected = generate_ids(exported.model, exported.tokenizer, pixels, questions, qformer_input_ids=ids,
+                            qformer_attention_mask=mask)
+    assert answers == decode(exported.tokenizer, expected)
