@@ -42,9 +42,12 @@ class MatchingPairs:
     wrong: dict[str, list[str]]
 
 
-def one_attribute_wrong(attributes: Attributes, rng: np.random.Generator) -> Attributes:
-    """``attributes`` with exactly one of the four changed to another value."""
-    name = tuple(ATTRIBUTES)[int(rng.integers(len(ATTRIBUTES)))]
+def one_attribute_wrong(attributes: Attributes, rng: np.random.Generator, name: str | None = None) -> Attributes:
+    """``attributes`` with exactly one of the four (``name``; None: a random one) changed to another value."""
+    if name is None:
+        name = tuple(ATTRIBUTES)[int(rng.integers(len(ATTRIBUTES)))]
+    elif name not in ATTRIBUTES:
+        raise ValueError(f"no attribute {name!r}; one of {', '.join(ATTRIBUTES)}")
     others = [v for v in ATTRIBUTES[name] if v != getattr(attributes, name)]
     return attributes.replace(**{name: others[int(rng.integers(len(others)))]})
 

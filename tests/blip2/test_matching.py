@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from blip2.matching import matching_pairs, score_matching
+import numpy as np
+
+from blip2.matching import matching_pairs, one_attribute_wrong, score_matching
 from blip2.toyworld.text import parse_attributes
 from blip2.toyworld.world import ATTRIBUTES, all_attributes
 
@@ -18,6 +20,18 @@ def test_pairs_are_right_one_attribute_wrong_and_random_wrong():
         assert parse_attributes(right) == true
         assert sum(parse_attributes(one)[name] != true[name] for name in ATTRIBUTES) == 1
         assert parse_attributes(random) != true
+
+
+def test_one_attribute_wrong_changes_the_named_attribute_or_a_random_one():
+    rng = np.random.default_rng(0)
+    for truth in all_attributes()[::11]:
+        for name in ATTRIBUTES:
+            wrong = one_attribute_wrong(truth, rng, name)
+            assert [n for n in ATTRIBUTES if getattr(wrong, n) != getattr(truth, n)] == [name]
+        wrong = one_attribute_wrong(truth, rng)
+        assert sum(getattr(wrong, n) != getattr(truth, n) for n in ATTRIBUTES) == 1
+    with pytest.raises(ValueError, match="no attribute 'texture'"):
+        one_attribute_wrong(truth, rng, "texture")
 
 
 def test_scores_of_oracle_constant_and_inverted_models():
