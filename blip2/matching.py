@@ -11,7 +11,8 @@ image's attributes, different from its own). Two numbers per kind of wrong capti
   (P < 0.5), with one right and one wrong pair per image, so a constant answer also scores 0.5.
 
 :func:`score_matching` takes probabilities only (tests check it with oracle and constant inputs);
-:func:`matching_pairs` draws the captions from fixed seeds, so equal arguments give equal numbers.
+:func:`matching_pairs` draws the captions from fixed seeds, so equal arguments give equal numbers;
+:func:`pair_probabilities` scores any captions against the records' images (what ``/v1/match`` serves).
 """
 
 from __future__ import annotations
@@ -93,6 +94,26 @@ def match_probabilities(model: Blip2QFormerForPretraining, tokenizer: PreTrained
 
 
 @torch.no_grad()
+def pair_probabilities(model: Blip2QFormerForPretraining, tokenizer: PreTrainedTokenizerBase,
+                       records: Sequence[Record], texts: dict[str, Sequence[str]], max_text_length: int = 32,
+                       batch_size: int = 64) -> dict[str, Tensor]:
+    """P(match) of record i's image with ``texts[name][i]``, (N,) for every name. The images are decoded as
+    training decodes them (``pixel_values``); the model's train/eval mode is restored."""
+    device = model.query_tokens.device
+    dtype = model.vision_model.embeddings.patch_embedding.weight.dtype
+    was_training = model.training
+    model.eval()
+    try:
+        image_embeds = torch.cat([
+            model.encode_images(pixel_values(np.stack([decode_image(r.image) for r in records[s : s + batch_size]]))
+                                .to(device, dtype)) for s in range(0, len(records), batch_size)])
+        return {name: match_probabilities(model, tokenizer, image_embeds, captions, max_text_length, batch_size)
+                for name, captions in texts.items()}
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
 def evaluate_matching(model: Blip2QFormerForPretraining, tokenizer: PreTrainedTokenizerBase,
                       records: Sequence[Record], num_images: int = 200, seed: int = 0, max_text_length: int = 32,
                       batch_size: int = 64) -> dict[str, float | int]:
@@ -102,17 +123,7 @@ def evaluate_matching(model: Blip2QFormerForPretraining, tokenizer: PreTrainedTo
     if not records:
         raise ValueError("no records to evaluate matching on")
     pairs = matching_pairs([r.attributes for r in records], seed)
-    device = model.query_tokens.device
-    dtype = model.vision_model.embeddings.patch_embedding.weight.dtype
-    was_training = model.training
-    model.eval()
-    try:
-        image_embeds = torch.cat([
-            model.encode_images(pixel_values(np.stack([decode_image(r.image) for r in records[s : s + batch_size]]))
-                                .to(device, dtype)) for s in range(0, len(records), batch_size)])
-        p_right = match_probabilities(model, tokenizer, image_embeds, pairs.right, max_text_length, batch_size)
-        p_wrong = {kind: match_probabilities(model, tokenizer, image_embeds, texts, max_text_length, batch_size)
-                   for kind, texts in pairs.wrong.items()}
-    finally:
-        model.train(was_training)
-    return {**score_matching(p_right, p_wrong), "itm_num_images": len(records)}
+    p = pair_probabilities(model, tokenizer, records, {"right": pairs.right, **pairs.wrong}, max_text_length,
+                           batch_size)
+    p_right = p.pop("right")
+    return {**score_matching(p_right, p), "itm_num_images": len(records)}
