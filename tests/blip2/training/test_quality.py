@@ -1,9 +1,9 @@
 """The toy-world quality bars of the training stages, measured on the held-out `test` split.
 
 The slow tier trains each stage with its shipped toy config on Ray Train, one after the other, and
-asserts each stage's bar (the README's training results), zero-shot yes/no above chance included. The fast tier (CI) trains stage 1 alone, in-process from
-cached image features, on a smaller budget with a smaller bar: far above chance, which is a few
-percent for text->image R@1 among 100 images. Both score through ``blip2 evaluate``'s code, as the
+asserts each stage's bar (the README's training results), zero-shot yes/no above chance included. The fast tier (CI) trains stage 1 alone, in-process from cached
+image features, on smaller budgets with smaller bars: far above chance, which is a few percent for
+text->image R@1 among 100 images and 0.5 for ITM's pairwise accuracy. Both score through ``blip2 evaluate``'s code, as the
 training reports do (the fast tier in this process: ``num_actors=0``).
 """
 
@@ -28,19 +28,26 @@ from pipelines.evaluate import EvaluateConfig, run
 
 FAST_STEPS = 150
 FAST_BAR = 0.6
+FAST_ITM_STEPS = 250
 FAST_ITM_BAR = 0.8  # pairwise ITM accuracy against random wrong captions (chance 0.5)
+# ITM's own fast run: the shipped config's ITM schedule (10 for half the steps, then back to 1) with every
+# ITM negative drawn uniformly (loss.itm_random_negatives=1) instead of by ITC hardness. Chosen on `val`
+# (200 images; ITM pairwise accuracy random / one-attribute-wrong, t2i R@1 attribute-level ITC alone; seed
+# 0): at 150 steps BLIP-2's constant weight 1 scores 0.495 / 0.52 (ITM at the class prior; R@1 0.72), the
+# schedule 0.555 / 0.51, weight 10 0.58 / 0.515, weight 10 with half or all negatives random 0.585 / 0.525
+# and 0.82 / 0.715; weight 1 with all random 0.51 at 200 steps, the schedule alone 0.545 at 250. The
+# schedule with all random at 250 steps: 0.985 / 0.825, 0.955 / 0.815, 0.98 / 0.86 for seeds 0 / 1 / 2 —
+# but R@1 0.94 / 0.89 / 0.47 (at 200 steps 0.87 / 0.64 / 0.48): it costs ITC on some seeds, so the
+# retrieval test keeps its own run with BLIP-2's constant weight.
+FAST_ITM_OVERRIDES = [f"optim.max_steps={FAST_ITM_STEPS}", "optim.warmup_steps=20", "loss.itm_random_negatives=1",
+                      "itm_diagnostics=false"]  # the diagnostics' extra no-gradient pass per step is not needed here
 
 
-@pytest.fixture(scope="module")
-def fast_stage1():
-    """Stage 1 trained in-process from cached image features on the fast budget (shared by the CI tests)."""
+def train_fast_stage1(overrides: list[str]):
+    """Stage 1 trained in-process from cached image features (2 threads): the task, model and history."""
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
-    # BLIP-2's constant ITM weight: the shipped ITM schedule needs its 800 steps (ITM leaves the class prior
-    # after about 200 even at weight 10), and at this budget it would only cost ITC
-    config = load_config(Stage1Config, CONFIG_DIR / "stage1_toy.yaml", [f"optim.max_steps={FAST_STEPS}",
-                                                                        "optim.warmup_steps=20",
-                                                                        "loss.itm_weight_start=null"])
+    config = load_config(Stage1Config, CONFIG_DIR / "stage1_toy.yaml", overrides)
     task = Stage1Task(config)
     records = generate_split(config.world, config.train_split)
     encoder = FrozenImageEncoder(task.backbones.vision)
@@ -48,9 +55,24 @@ def fast_stage1():
     cached = [encoder({"jpg": np.stack([decode_image(r.image) for r in records[s : s + size]]),
                        "txt": np.array([r.alt_text for r in records[s : s + size]], dtype=object)})
               for s in range(0, len(records) - size + 1, size)]
-    model, history = train_locally(task, lambda epoch: [cached[i] for i in np.random.default_rng(epoch).permutation(len(cached))])
-    yield task, model, history
-    torch.set_num_threads(previous)
+    try:
+        model, history = train_locally(task, lambda epoch: [cached[i] for i in np.random.default_rng(epoch).permutation(len(cached))])
+    finally:
+        torch.set_num_threads(previous)
+    return task, model, history
+
+
+@pytest.fixture(scope="module")
+def fast_stage1():
+    """Stage 1 on the fast budget with BLIP-2's constant ITM weight (the shipped schedule needs its 800 steps
+    and at this budget only costs ITC): the retrieval test's model."""
+    return train_fast_stage1([f"optim.max_steps={FAST_STEPS}", "optim.warmup_steps=20", "loss.itm_weight_start=null"])
+
+
+@pytest.fixture(scope="module")
+def fast_stage1_itm():
+    """Stage 1 on ITM's fast budget (``FAST_ITM_OVERRIDES``): the ITM tests' model."""
+    return train_fast_stage1(FAST_ITM_OVERRIDES)
 
 
 def evaluate_fast_stage1(task, model, out, split: str) -> dict:
@@ -78,12 +100,9 @@ def test_stage1_learns_retrieval_on_a_small_budget(fast_stage1, tmp_path):
     assert "itm_pairwise_random" in metrics and metrics["itm_num_images"] == 200  # ITM is reported
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="known gap: ITM has not left the class prior on this budget; the shipped config's "
-                          "ITM schedule needs 800 steps (README, Training: ITM's weight on a schedule)")
-def test_stage1_itm_tells_a_random_wrong_caption_from_the_right_one(fast_stage1):
+def test_stage1_itm_tells_a_random_wrong_caption_from_the_right_one(fast_stage1_itm):
     """ITM, not a loss: held-out images, P(match) of the right caption above that of a random wrong one."""
-    task, model, _ = fast_stage1
+    task, model, _ = fast_stage1_itm
     metrics = evaluate_matching(model, task.tokenizer, generate_split(task.config.world, "test"), num_images=200)
     assert metrics["itm_pairwise_random"] >= FAST_ITM_BAR, metrics
 
