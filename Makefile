@@ -38,7 +38,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -m slow
 
 # The toy CapFilt filter that pipelines/configs/capfilt_toy.yaml reads, bootstrapped in two rounds as
-# BLIP does (README, "CapFilt"): round 1 trains stage 1 (stage1_toy.yaml) on the clean split; CapFilt keeps
+# BLIP does (docs/capfilt.md; the README's "CapFilt bootstrap, measured"): round 1 trains stage 1 (stage1_toy.yaml) on the clean split; CapFilt keeps
 # web records with it (threshold chosen on val); round 2 trains stage 1 on clean + those kept records ->
 # runs/capfilt/capfilt-boot-r2/model, and runs/capfilt/capfilt_bootstrap.json records each round's
 # thresholds and web precision / recall. About 25 minutes on two cores;

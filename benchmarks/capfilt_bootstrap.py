@@ -97,9 +97,10 @@ def one_round(seed: int, round_: int, world: Path, storage: Path, train_data: li
     run_dir = trained or fit("stage1", config)
     train_seconds, model = time.perf_counter() - start, run_dir / "model"
     report = json.loads((run_dir / "report.json").read_text())
-    if trained and (report["config"]["seed"] != seed or report["steps"] != config.optim.max_steps):
-        raise SystemExit(f"{trained}: seed {report['config']['seed']}, {report['steps']} steps; round {round_} "
-                         f"wants seed {seed}, {config.optim.max_steps} steps")
+    wanted = {"seed": seed, "steps": config.optim.max_steps, "train_data": list(config.train_data)}
+    found = {"seed": report["config"]["seed"], "steps": report["steps"], "train_data": report["config"]["train_data"]}
+    if trained and found != wanted:
+        raise SystemExit(f"{trained} is not round {round_} of this run: it has {found}, the round wants {wanted}")
     row = {"seed": seed, "round": round_, "model": str(model), "train_data": train_data or ["clean"],
            "reused": str(trained) if trained else None,
            "overrides": overrides, "steps": report["steps"], "train_seconds": round(train_seconds, 1),
@@ -116,7 +117,7 @@ def one_round(seed: int, round_: int, world: Path, storage: Path, train_data: li
 
 
 def run(seeds: list[int], storage: Path, world: Path, extra: list[str], round1: str = "",
-        round2_seeds: list[int] | None = None) -> list[dict]:
+        round2_seeds: list[int] | None = None, round2: str = "") -> list[dict]:
     import ray
 
     quiet_progress_bars()
@@ -129,7 +130,8 @@ def run(seeds: list[int], storage: Path, world: Path, extra: list[str], round1: 
             rows.append(first)
             if round2_seeds is None or seed in round2_seeds:
                 kept = Path(first["scores"]["itm"]["web"]["output"]) / "kept"
-                rows.append(one_round(seed, 2, world, storage, [str(world / "webdataset" / "clean"), str(kept)], extra))
+                rows.append(one_round(seed, 2, world, storage, [str(world / "webdataset" / "clean"), str(kept)], extra,
+                                      Path(round2.format(seed=seed)) if round2 else None))
     finally:
         ray.shutdown()
     return rows
@@ -151,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round1", default="", metavar="DIR", help="take round 1 from these runs of "
                         "stage1_toy.yaml on `clean` (e.g. benchmarks/toy_runs.py --storage S's "
                         "S/runs/stage1-toy-seed{seed}) instead of training it again; the record says so")
+    parser.add_argument("--round2", default="", metavar="DIR", help="take round 2 from these runs (an "
+                        "earlier run of this script with the same --storage: it must have trained on this run's "
+                        "round-1 kept records)")
     parser.add_argument("--out", help="the record to write (default: <storage>/capfilt_bootstrap.json)")
     args = parser.parse_args(argv)
     if args.round2_seeds is not None and args.seeds[0] not in args.round2_seeds:
@@ -159,10 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else storage / "capfilt_bootstrap.json"
     commit, load_before = git_commit(), os.getloadavg()[0]
     started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
-    rows = run(args.seeds, storage, world, args.set, args.round1, args.round2_seeds)
+    rows = run(args.seeds, storage, world, args.set, args.round1, args.round2_seeds, args.round2)
     options = [f"--seeds {','.join(map(str, args.seeds))}"] if args.seeds != [0] else []
     options += [f"--round2-seeds {','.join(map(str, args.round2_seeds))}"] if args.round2_seeds is not None else []
-    options += [f"--set {override}" for override in args.set] + (["--round1 DIR"] if args.round1 else [])
+    options += [f"--set {override}" for override in args.set] + (["--round1 DIR"] if args.round1 else []) + (
+        ["--round2 DIR"] if args.round2 else [])
     record = {"command": " ".join(["python benchmarks/capfilt_bootstrap.py", *options]), "commit": commit,
               "date": started.strftime("%Y-%m-%d %H:%M UTC"), "wall_seconds": round(time.perf_counter() - start),
               "machine": machine(), "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],

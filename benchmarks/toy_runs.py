@@ -1,4 +1,4 @@
-"""The shipped toy configs, run in full: the record that the README's "Measured" block is generated from.
+"""The shipped toy configs, run in full: the record that the README's "The shipped toy configs, measured" block is generated from.
 
     python benchmarks/toy_runs.py [--stage1-seeds 0] [--instruct-seeds 0,1,2] [--storage DIR] [--out FILE]
 

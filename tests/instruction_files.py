@@ -1,5 +1,5 @@
 """Tiny instruction-tuning sets in each published format, laid out as ``pipelines/configs/instruct_gpu.yaml``
-expects them under its datasets root (README, "Instruction tuning on the published datasets").
+expects them under its datasets root (docs/training.md, "Instruction tuning on the published datasets").
 
 The images are toy-world images (real JPEGs) and the texts state their attributes, so a model tuned on
 them has something to learn; every file follows its dataset's published format exactly.

@@ -1,6 +1,5 @@
 """The README's figures equal the committed result files (RESULTS.md, demo_run.json): CI fails when they drift apart."""
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -8,16 +7,13 @@ from pathlib import Path
 import pytest
 
 from pipelines.demo_record import run_record
+from tests.benchmarks import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCHMARKS = ROOT / "benchmarks"
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("readme_results", BENCHMARKS / "readme_results.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("readme_results")
 
 
 def test_the_readme_benchmark_figures_equal_results_md(capsys):
@@ -87,3 +83,29 @@ def test_the_readme_toy_config_block_is_the_committed_toy_runs_record(tmp_path, 
     readme.write_text(module.README.read_text().replace(f"(zero-shot) {held_out:.3f}", "(zero-shot) 0.123", 1))
     monkeypatch.setattr(module, "README", readme)
     assert module.main(["--check"]) == 1 and "toy_runs.json" in capsys.readouterr().err
+
+
+def test_the_readme_capfilt_table_is_the_committed_bootstrap_record_and_the_toy_config_uses_its_threshold(
+        tmp_path, monkeypatch, capsys):
+    """The two-round CapFilt table (benchmarks/capfilt_bootstrap.py's record) is the README's; the toy
+    CapFilt config filters with the score and the `val` threshold that record chose for its round 2."""
+    from blip2.capfilt.config import CapFiltConfig
+    from blip2.config import load_config
+    from pipelines.common import CONFIG_DIR
+
+    module = load()
+    record = json.loads(module.CAPFILT_RUN.read_text())
+    block = module.capfilt_block(record)
+    assert block in module.README.read_text()
+    rows = [(r["seed"], r["round"], score) for r in record["rounds"] for score in r["scores"]]
+    assert len(block.splitlines()) == len(rows) + 6 and {r for _, r, _ in rows} == {1, 2}
+    shipped = load_config(CapFiltConfig, CONFIG_DIR / "capfilt_toy.yaml", []).filter
+    final = next(r for r in record["rounds"] if r["round"] == 2)  # the first seed's: the filter the config reads
+    assert shipped.source.endswith("capfilt-boot-r2/model") and final["model"].endswith("capfilt-boot-r2/model")
+    assert shipped.threshold == round(final["scores"][shipped.score]["val"]["threshold"], 3)
+    web = final["scores"][shipped.score]["web"]
+    readme = tmp_path / "README.md"
+    readme.write_text(module.README.read_text().replace(f"| {web['precision']:.3f} | {web['recall']:.3f} |",
+                                                        "| 0.123 | 0.456 |", 1))
+    monkeypatch.setattr(module, "README", readme)
+    assert module.main(["--check"]) == 1 and "capfilt_bootstrap.json" in capsys.readouterr().err

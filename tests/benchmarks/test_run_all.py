@@ -1,20 +1,12 @@
 """`benchmarks/run_all.py` runs the benchmark scripts and writes the results page from what they measured."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmarks import load_script
 
 
 def load_runner():
-    spec = importlib.util.spec_from_file_location("run_all", BENCHMARKS / "run_all.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("run_all")
 
 
 def test_the_page_quotes_what_a_benchmark_measured_and_how_to_rerun_it(tmp_path):

@@ -1,20 +1,16 @@
 """The serving benchmark stays runnable (its figures are measured by running it, not here)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "serve.py"
+from tests.benchmarks import load_script
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_serve_benchmark_reports_every_app_at_every_concurrency(ray_local, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("serve_benchmark", BENCHMARK)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_script("serve")
     out = tmp_path / "serve.json"
     results = benchmark.main(["--requests", "8", "--rounds", "1", "--concurrency", "1,4", "--lengths", "2,4",
                               "--presets", "toy-instruct-opt", "--out", str(out)])
