@@ -41,7 +41,7 @@ test-slow: setup
 # BLIP does (docs/capfilt.md; the README's "CapFilt bootstrap, measured"): round 1 trains stage 1 (stage1_toy.yaml) on the clean split; CapFilt keeps
 # web records with it (threshold chosen on val); round 2 trains stage 1 on clean + those kept records ->
 # runs/capfilt/capfilt-boot-r2/model, and runs/capfilt/capfilt_bootstrap.json records each round's
-# thresholds and web precision / recall. About 25 minutes on two cores;
+# thresholds and web precision / recall. Estimated 25 minutes on two idle cores (two 800-step stage-1 runs);
 # `make capfilt-bootstrap BOOTSTRAP_ARGS="--set optim.max_steps=40 --set optim.warmup_steps=4"` for a quick try.
 BOOTSTRAP_ARGS ?=
 capfilt-bootstrap: setup
