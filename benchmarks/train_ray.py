@@ -57,11 +57,15 @@ def throughput(history: list[dict], global_batch: int) -> float:
     return global_batch * steps / (history[-1]["time"] - history[0]["time"])
 
 
-def ray_vs_plain(stage: str, steps: int, batch_size: int, world: Path, storage: Path, cores: int) -> dict:
+def ray_vs_plain(stage: str, steps: int, batch_size: int, world: Path, world_config: ToyWorldConfig, storage: Path,
+                 cores: int) -> dict:
     import ray
 
-    base = [f"toyworld={world}", f"optim.max_steps={steps}", "optim.warmup_steps=1", f"checkpoint_every={steps}",
-            f"log_every={max(1, steps // 4)}", f"storage_path={storage}"]
+    sizes = [f"world.{split}_size={getattr(world_config, f'{split}_size')}"
+             for split in ("web", "clean", "val", "test", "novel")]
+    # the job's world is the one on disk (else the job would write its config's default world over it)
+    base = [f"toyworld={world}", *sizes, f"optim.max_steps={steps}", "optim.warmup_steps=1",
+            f"checkpoint_every={steps}", f"log_every={max(1, steps // 4)}", f"storage_path={storage}"]
     config_cls, task_cls = TASKS[stage]
     plain = load_config(config_cls, CONFIG_DIR / DEFAULT_CONFIGS[stage],
                         [*base, f"optim.batch_size={batch_size}", "scaling.num_workers=1",
@@ -76,6 +80,7 @@ def ray_vs_plain(stage: str, steps: int, batch_size: int, world: Path, storage: 
                               [*base, f"optim.batch_size={batch_size // workers}", f"scaling.num_workers={workers}",
                                f"scaling.cpus_per_worker={cores / workers / 2}",  # leave CPUs for Ray Data
                                f"scaling.torch_threads={max(1, cores // workers)}", "feature_cache=false",
+                               "eval=[]",  # the ratio reads the training throughput only: no scoring after it
                                "name=bench-ray"])
     ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
     try:
@@ -129,11 +134,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         world = scratch / "world"
-        write_toyworld(ToyWorldConfig(clean_size=args.clean_size, web_size=64, val_size=32, test_size=100,
-                                      novel_size=32), world)
+        world_config = ToyWorldConfig(clean_size=args.clean_size, web_size=64, val_size=32, test_size=100,
+                                      novel_size=32)
+        write_toyworld(world_config, world)
         results["feature_cache"] = feature_cache_speedup(args.batch_size, world, cores)
         print("feature cache:", json.dumps(results["feature_cache"]), flush=True)
-        results["ray_vs_plain"] = ray_vs_plain(args.stage, args.steps, args.batch_size, world, scratch / "runs", cores)
+        results["ray_vs_plain"] = ray_vs_plain(args.stage, args.steps, args.batch_size, world, world_config,
+                                               scratch / "runs", cores)
         print("ray vs plain:", json.dumps(results["ray_vs_plain"]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
