@@ -17,6 +17,7 @@ the README's demo block; then commit.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import re
 import sys
@@ -123,12 +124,20 @@ def _spread(runs: list[dict], name: str, key: str) -> str:
 def toy_block(record: dict) -> str:
     """The README's block of the shipped toy configs run in full: one row per job, then the seeds' spread."""
     host = record["machine"]
+    reused = [r for r in record["runs"] if r.get("reused")]
+    trained = (f"; {len(reused)} of its {len(record['runs'])} jobs trained earlier (from "
+               f"{dt.datetime.fromtimestamp(min(min(r['trained_at']) for r in reused), dt.timezone.utc):%Y-%m-%d %H:%M} "
+               "UTC, the same configs) and scored again by this commit: their wall time, samples/s and goodput are "
+               "those runs'" if reused else "")
+    test = next((r["benchmarks"].get("coco_retrieval/test", {}) for r in record["runs"] if r["stage"] == "stage1"), {})
+    rerank = (f"ITM re-rank of the top {test['rerank_k']} (ITM logit + {test['rerank_itc_scale']:g} x ITC cosine)"
+              if "rerank_k" in test else "ITM re-rank of the top 16")
     lines = [TOY_BEGIN,
              f"`{record['command']}` ({record['date']}, commit {record['commit'][:7]}, {round(record['wall_seconds'] / 60)} "
              f"min wall; {host['cpu']}, {host['cores']} cores, load average {record['load_average'][0]} before, "
-             f"{record['load_average'][1]} after): each shipped toy config in full on Ray Train, one local instance, "
-             "scored on held-out splits by `blip2 evaluate`'s code. Retrieval: among 100 images (600 captions), "
-             "attribute-level, ITC alone / ITM re-rank of the top 16 / top 16 by ITM alone; ITM: random / "
+             f"{record['load_average'][1]} after{trained}): each shipped toy config in full on Ray Train, one local "
+             "instance, scored on held-out splits by `blip2 evaluate`'s code. Retrieval: among 100 images (600 "
+             f"captions), attribute-level, ITC alone / {rerank} / top 16 by ITM alone; ITM: random / "
              "one-attribute-wrong captions.", "",
              "| job | seed | steps | held-out figures | wall s | samples/s | goodput | fixed share |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -150,6 +159,14 @@ def toy_block(record: dict) -> str:
                       f"`novel` t2i R@1 attribute ITC {_spread(stage1, novel, 't2i_r1_attribute_itc')} / re-rank "
                       f"{_spread(stage1, novel, 't2i_r1_attribute')}, strict {_spread(stage1, novel, 't2i_r1_strict_itc')} / "
                       f"{_spread(stage1, novel, 't2i_r1_strict')}."]
+        effect = [(r["benchmarks"].get(test, {}), r["seed"]) for r in stage1]
+        if all("t2i_rerank_changed" in m for m, _ in effect):
+            lines += ["", "What the re-rank did on `test` against ITC alone (text->image top 1, per seed "
+                          f"{seeds}): top 1 changed for " + " / ".join(f"{m['t2i_rerank_changed']:.0%}" for m, _ in effect)
+                      + " of the texts; attribute-level, texts it made right / wrong: "
+                      + ", ".join(f"{m['t2i_rerank_fixed_attribute']} / {m['t2i_rerank_broken_attribute']}" for m, _ in effect)
+                      + "; strict: " + ", ".join(f"{m['t2i_rerank_fixed_strict']} / {m['t2i_rerank_broken_strict']}"
+                                                 for m, _ in effect) + "."]
     instruct = [r for r in record["runs"] if r["stage"] == "instruct"]
     if len(instruct) > 1:
         seeds = ", ".join(str(r["seed"]) for r in instruct)

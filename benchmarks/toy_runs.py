@@ -14,6 +14,13 @@ wall seconds, samples/s, goodput and fixed-cost share (``report.json``'s ``time_
 numeric figure of its ``benchmarks``; with the commit, date, machine and load average. Then
 ``python benchmarks/readme_results.py`` regenerates the README's block from it (CI checks they agree).
 Stage 1 runs about 800 steps at ~1.5 steps/s on two idle cores: the whole record takes ~40 minutes.
+
+``--reuse --storage DIR`` (DIR: an earlier record's ``--storage``) scores the runs there again instead of
+training them again, for a change in how a finished model is scored (eval sets, ``rerank_k``,
+``rerank_itc_scale``, ``itm_eval_images``): a job is reused only when its run finished training exactly as
+its config now says (a key added to the config since must hold its default), and a job downstream of a
+retrained one is retrained too. Reused jobs say so in the record, with the time they trained; their wall
+time and goodput are the original run's.
 """
 
 from __future__ import annotations
@@ -31,12 +38,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.run_all import machine  # noqa: E402
-from blip2.config import load_config  # noqa: E402
-from blip2.training.tasks import TASKS  # noqa: E402
+from blip2.config import load_config, to_dict  # noqa: E402
+from blip2.training.config import TrainConfig  # noqa: E402
+from blip2.training.tasks import MODEL_DIR, TASKS  # noqa: E402
 from pipelines.common import CONFIG_DIR, init_ray, quiet_progress_bars  # noqa: E402
 from pipelines.demo_record import commit as git_commit  # noqa: E402
 from pipelines.toyworld import ToyWorldJobConfig, ensure_toyworld  # noqa: E402
-from pipelines.train import DEFAULT_CONFIGS, fit  # noqa: E402
+from pipelines.train import DEFAULT_CONFIGS, absolute_paths, fit, toy_eval  # noqa: E402
+from pipelines.train_eval import evaluate_training_output  # noqa: E402
 
 RECORD = ROOT / "benchmarks" / "toy_runs.json"
 
@@ -56,25 +65,76 @@ def _numbers(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def run_job(stage: str, seed: int, overrides: list[str]) -> dict:
-    """One shipped toy config in full on the running Ray instance; its record."""
+# Settings that only say how a finished export is scored: a run trained with other values of these is still
+# the shipped config's run (``--reuse`` scores it again with the current ones).
+SCORING_KEYS = ("eval", "rerank_k", "rerank_itc_scale", "itm_eval_images")
+
+
+def _same(old, new, default) -> bool:
+    """Whether a run's recorded config ``old`` trained as ``new`` does. A key the recorded config lacks (it
+    was added to the config later) must hold its ``default``, which keeps the behaviour from before it."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return old == new
+    default = default if isinstance(default, dict) else {}
+    return set(old) <= set(new) and all(_same(old[k], v, default.get(k)) if k in old else v == default.get(k)
+                                        for k, v in new.items())
+
+
+def finished_run(config: TrainConfig) -> dict | None:
+    """The report of a finished run of ``config`` at its output directory, when it trained exactly as
+    ``config`` says (every key but :data:`SCORING_KEYS`); else None."""
+    path = config.output / "report.json"
+    try:
+        report = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if not report or "time_split" not in report or report.get("steps") != config.optim.max_steps:
+        return None
+    def trained(c: dict) -> dict:
+        return {k: v for k, v in json.loads(json.dumps(c)).items() if k not in SCORING_KEYS}
+    if not _same(trained(report.get("config", {})), trained(to_dict(config)), trained(to_dict(type(config)()))):
+        return None
+    return report
+
+
+def rescore(stage: str, config: TrainConfig, report: dict) -> dict:
+    """``report`` with its export scored again by the current code and ``config``'s eval settings."""
+    task = TASKS[stage][1](config)
+    benchmarks = evaluate_training_output(config, config.output / MODEL_DIR, str(task.backbones.qformer_tokenizer),
+                                          str(task.backbones.vision))
+    return {**report, "benchmarks": benchmarks, "headline": task.headline(toy_eval(config, benchmarks))}
+
+
+def run_job(stage: str, seed: int, overrides: list[str], reuse: bool = False) -> dict:
+    """One shipped toy config in full on the running Ray instance; its record. ``reuse``: a finished run of
+    the same training config in the storage is scored again instead of trained again."""
     config_cls, _ = TASKS[stage]
     path = CONFIG_DIR / DEFAULT_CONFIGS[stage]
     overrides = [f"seed={seed}", *overrides]
-    config = load_config(config_cls, path, overrides)
+    config = absolute_paths(load_config(config_cls, path, overrides))
     start = time.perf_counter()
-    report = json.loads((fit(stage, config) / "report.json").read_text())
-    wall = time.perf_counter() - start
+    finished = finished_run(config) if reuse else None
+    if finished is not None:
+        report = rescore(stage, config, finished)
+        print(f"== {stage} seed {seed}: reused {config.output} (trained as this config says), scored again in "
+              f"{time.perf_counter() - start:.0f} s, headline {report['headline']}", flush=True)
+    else:
+        report = json.loads((fit(stage, config) / "report.json").read_text())
     split = report["time_split"]
-    print(f"== {stage} seed {seed}: {wall:.0f} s, headline {report['headline']}", flush=True)
+    wall = split["seconds"]["wall"] if finished is not None else time.perf_counter() - start
+    if finished is None:
+        print(f"== {stage} seed {seed}: {wall:.0f} s, headline {report['headline']}", flush=True)
     return {"stage": stage, "config": f"pipelines/configs/{path.name}", "seed": seed, "steps": report["steps"],
-            "overrides": overrides, "wall_seconds": round(wall, 1), "samples_per_s": report["samples_per_s"],
+            "overrides": overrides, "wall_seconds": round(wall, 1),
+            **({"reused": True, "trained_at": report["started_at"]} if finished is not None else {}),
+            "samples_per_s": report["samples_per_s"],
             "goodput": split["goodput"]["ratio"], "fixed_fraction": split["goodput"]["fixed_fraction"],
             "seconds": split["seconds"], "headline": report["headline"],
             "benchmarks": {name: _numbers(metrics) for name, metrics in report["benchmarks"].items()}}
 
 
-def run(stage1_seeds: list[int], instruct_seeds: list[int], storage: Path, extra: list[str]) -> list[dict]:
+def run(stage1_seeds: list[int], instruct_seeds: list[int], storage: Path, extra: list[str],
+        reuse: bool = False) -> list[dict]:
     import ray
 
     quiet_progress_bars()
@@ -85,12 +145,13 @@ def run(stage1_seeds: list[int], instruct_seeds: list[int], storage: Path, extra
     init_ray(include_dashboard=False)  # as `blip2 train` starts it: the workers' progress lines reach this log
     try:
         for seed in stage1_seeds:
-            runs.append(run_job("stage1", seed, [*common, f"name=stage1-toy-seed{seed}"]))
+            runs.append(run_job("stage1", seed, [*common, f"name=stage1-toy-seed{seed}"], reuse))
         stage1 = storage / "runs" / f"stage1-toy-seed{stage1_seeds[0]}"
-        runs.append(run_job("stage2", 0, [*common, f"stage1={stage1}"]))
+        runs.append(run_job("stage2", 0, [*common, f"stage1={stage1}"], reuse and runs[0].get("reused", False)))
         for seed in instruct_seeds:
             runs.append(run_job("instruct", seed, [*common, f"stage2={storage / 'runs' / 'stage2-toy-opt'}",
-                                                   f"name=instruct-toy-opt-seed{seed}"]))
+                                                   f"name=instruct-toy-opt-seed{seed}"],
+                                reuse and runs[len(stage1_seeds)].get("reused", False)))
     finally:
         ray.shutdown()
     return runs
@@ -106,15 +167,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="an override for every job (repeatable; a record with overrides is not the shipped configs')")
     parser.add_argument("--storage", help="keep the runs here (default: a temporary directory, removed after)")
     parser.add_argument("--out", default=str(RECORD), help="the record to write (default: %(default)s)")
+    parser.add_argument("--reuse", action="store_true", help="with --storage: a job whose run there finished "
+                        "training exactly as its config says (all but how it is scored: eval sets, rerank_k, "
+                        "rerank_itc_scale, itm_eval_images) is not trained again; its export is scored again by "
+                        "this code (the record marks it reused; its wall time and goodput are the original run's)")
     args = parser.parse_args(argv)
+    if args.reuse and not args.storage:
+        parser.error("--reuse needs --storage (the directory of an earlier record's runs)")
     commit, load_before = git_commit(), os.getloadavg()[0]  # the code that runs: read before the first job
     started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         storage = Path(args.storage).resolve() if args.storage else Path(scratch)
-        runs = run(args.stage1_seeds, args.instruct_seeds, storage, args.set)
+        runs = run(args.stage1_seeds, args.instruct_seeds, storage, args.set, args.reuse)
     options = [f"--stage1-seeds {','.join(map(str, args.stage1_seeds))}"] if args.stage1_seeds != [0] else []
     options += [f"--instruct-seeds {','.join(map(str, args.instruct_seeds))}"] if args.instruct_seeds != [0, 1, 2] else []
-    options += [f"--set {override}" for override in args.set]
+    options += [f"--set {override}" for override in args.set] + (["--reuse"] if args.reuse else [])
     record = {"command": " ".join(["python benchmarks/toy_runs.py", *options]),
               "commit": commit, "date": started.strftime("%Y-%m-%d %H:%M UTC"),
               "wall_seconds": round(time.perf_counter() - start), "machine": machine(),

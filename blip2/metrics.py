@@ -90,6 +90,22 @@ def recall_at_k(ranking: Tensor, relevant: Tensor, ks: Sequence[int] = (1, 5, 10
     return recalls
 
 
+def rerank_effect(reranked: Tensor, baseline: Tensor, relevant: Tensor) -> dict[str, float | int]:
+    """What a re-rank did to each query's top 1 against the ranking it re-ordered.
+
+    ``reranked`` and ``baseline``: (R, >= 1) column indices per query, best first; ``relevant`` (R, C) bool.
+    Returns ``changed`` (the share of queries whose top 1 differs), ``fixed`` (queries whose top 1 is
+    relevant after the re-rank and was not before) and ``broken`` (the reverse). R@1 moves by
+    ``(fixed - broken) / R``; a re-rank that only echoes the baseline changes nothing."""
+    if reranked.shape[0] != baseline.shape[0] or reranked.shape[0] != relevant.shape[0] or not relevant.shape[0]:
+        raise ValueError(f"reranked, baseline and relevant must have the same (non-zero) number of rows, got "
+                         f"{reranked.shape[0]}, {baseline.shape[0]} and {relevant.shape[0]}")
+    after = relevant.gather(1, reranked[:, :1].long()).squeeze(1)  # (R,)
+    before = relevant.gather(1, baseline[:, :1].long()).squeeze(1)
+    return {"changed": (reranked[:, 0] != baseline[:, 0]).float().mean().item(),
+            "fixed": int((after & ~before).sum()), "broken": int((before & ~after).sum())}
+
+
 def identity_relevance(row_ids: Sequence[Hashable], column_ids: Sequence[Hashable]) -> Tensor:
     """Strict relevance: ``(R, C)`` bool, true where a row and a column come from the same image.
 

@@ -37,6 +37,7 @@ from blip2.datasets.tasks import (
     load_task,
     question_scores,
     rerank,
+    retrieval_relevance,
     score_captioning,
     score_questions,
     score_retrieval,
@@ -47,9 +48,11 @@ from blip2.datasets.toy import (
     matching_metrics,
     matching_texts,
     question_metrics,
+    rerank_metrics,
     retrieval_metrics,
     set_attributes,
 )
+from blip2.metrics import rerank_effect
 from blip2.models.generation import GenerationParams
 from blip2.reporting import plot_metrics
 from blip2.toyworld.standard import HELD_OUT_SPLITS, standard_files
@@ -300,6 +303,11 @@ def evaluate_retrieval(config: EvaluateConfig, images: Sequence, matched: Sequen
     metrics = {}
     for suffix, (text_to_image, image_to_text) in rankings.items():
         metrics.update(score_retrieval(text_to_image, image_to_text, text_image, len(images), suffix=suffix))
+    relevant = retrieval_relevance(text_image, len(images))  # (T, I): a text's own image
+    for direction, index, matrix in (("t2i", 0, relevant), ("i2t", 1, relevant.t())):
+        effect = rerank_effect(rankings[""][index], rankings["_itc"][index], matrix)
+        metrics.update({f"{direction}_rerank_changed": effect["changed"], f"{direction}_rerank_fixed": effect["fixed"],
+                        f"{direction}_rerank_broken": effect["broken"]})
     metrics.update({"num_images": len(images), "num_texts": len(texts), "rerank_k": k,
                     "rerank_itc_scale": config.rerank_itc_scale,
                     "unreadable_images": sum(bool(r["error"]) for r in image_rows)})
@@ -308,6 +316,7 @@ def evaluate_retrieval(config: EvaluateConfig, images: Sequence, matched: Sequen
         for suffix, (text_to_image, image_to_text) in rankings.items():
             metrics.update(retrieval_metrics(text_to_image, image_to_text, texts, text_image, attributes,
                                              RETRIEVAL_KS, suffix))
+        metrics.update(rerank_metrics(rankings[""], rankings["_itc"], texts, text_image, attributes))
         metrics["num_candidates"] = len(images)
     if matched:
         offsets = [len(candidates[i]) if i < len(images) else 0 for i in range(len(matched))]
@@ -350,7 +359,7 @@ def run(config: EvaluateConfig) -> dict:
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_metrics(metrics, out / "metrics.png", title=f"{config.task}: {Path(config.model).name}")
     headline = {k: v for k, v in metrics.items() if isinstance(v, float) and "/" not in k
-                and not k.endswith(("_itc", "_itm", "_strict")) and k != "rerank_itc_scale"}
+                and not k.endswith(("_itc", "_itm", "_strict", "_changed")) and k != "rerank_itc_scale"}
     log(f"[evaluate] {config.task} done in {seconds:.0f}s: " + ", ".join(f"{k} {v:.3f}" for k, v in headline.items())
         + f" -> {out}/: metrics.json, predictions.jsonl, metrics.png")
     return report

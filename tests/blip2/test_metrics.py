@@ -17,6 +17,7 @@ from blip2.metrics import (
     identity_relevance,
     normalise_answer,
     recall_at_k,
+    rerank_effect,
 )
 from blip2.toyworld.text import caption, parse_attributes
 from blip2.toyworld.world import Attributes, all_attributes
@@ -269,3 +270,14 @@ def test_filter_precision_recall_edge_cases_are_nan_free():
         filter_precision_recall([], [])
     with pytest.raises(ValueError, match="differ in length"):
         filter_precision_recall([True], [True, False])
+
+
+def test_rerank_effect_counts_what_the_re_rank_did_to_each_top_1():
+    relevant = torch.tensor([[True, False, False], [False, True, False], [False, False, True], [True, True, False]])
+    baseline = torch.tensor([[0, 1, 2], [0, 1, 2], [2, 0, 1], [0, 1, 2]])
+    reranked = torch.tensor([[1, 0, 2], [1, 0, 2], [2, 0, 1], [1, 0, 2]])
+    # query 0: right -> wrong; query 1: wrong -> right; query 2 unchanged; query 3: right -> another right image
+    assert rerank_effect(reranked, baseline, relevant) == {"changed": 0.75, "fixed": 1, "broken": 1}
+    assert rerank_effect(baseline, baseline, relevant) == {"changed": 0.0, "fixed": 0, "broken": 0}
+    with pytest.raises(ValueError, match="same"):
+        rerank_effect(reranked[:2], baseline, relevant)

@@ -114,6 +114,13 @@ def test_questions_and_retrieval_through_ray_data(ray_local, world, tmp_path, on
     assert metrics["t2i_r1_strict"] == metrics["t2i_r1"] and metrics["num_candidates"] == 4
     assert metrics["t2i_r1_attribute"] >= metrics["t2i_r1_strict"]
     assert metrics["itm_num_images"] == 6 and 0.0 <= metrics["itm_pairwise_one_attribute"] <= 1.0  # all six
+    # what the re-rank did against ITC alone: R@1 moves by (fixed - broken) / queries, per level
+    for direction, queries in (("t2i", 24), ("i2t", 4)):
+        assert 0.0 <= metrics[f"{direction}_rerank_changed"] <= 1.0
+        for counts, recall in (("", ""), ("_attribute", "_attribute"), ("_strict", "_strict")):
+            fixed, broken = metrics[f"{direction}_rerank_fixed{counts}"], metrics[f"{direction}_rerank_broken{counts}"]
+            assert metrics[f"{direction}_r1{recall}"] - metrics[f"{direction}_r1{recall}_itc"] == pytest.approx(
+                (fixed - broken) / queries, abs=1e-6)
     lines = (tmp_path / "ret" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 4 + 24
 
