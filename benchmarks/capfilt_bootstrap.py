@@ -85,20 +85,28 @@ def _capfilt(world: Path, model: Path, score: str, threshold: float, out: Path, 
 
 
 def one_round(seed: int, round_: int, world: Path, storage: Path, train_data: list[str], extra: list[str],
-              trained: Path | None = None) -> dict:
+              trained: Path | None = None, reuse: bool = False) -> dict:
     """Train round ``round_``'s filter (or take ``trained``, a run of the same config and seed), choose its
-    thresholds on val, filter the web split with each score."""
+    thresholds on val, filter the web split with each score. ``reuse``: a finished run of this round
+    already under ``storage`` (same seed, steps and training data) is taken instead of trained again."""
     name = f"capfilt-boot-r{round_}" + (f"-seed{seed}" if seed else "")
     overrides = [f"seed={seed}", f"toyworld={world}", f"storage_path={storage}", f"name={name}", *extra]
     if train_data:
         overrides.append("train_data=[" + ",".join(train_data) + "]")
     config = load_config(Stage1Config, CONFIG_DIR / "stage1_toy.yaml", overrides)
+    wanted = {"seed": seed, "steps": config.optim.max_steps, "train_data": list(config.train_data)}
+
+    def found_in(run_dir: Path) -> dict:
+        report = json.loads((run_dir / "report.json").read_text())
+        return {"seed": report["config"]["seed"], "steps": report["steps"], "train_data": report["config"]["train_data"]}
+
+    if trained is None and reuse and (storage / name / "report.json").is_file() and found_in(storage / name) == wanted:
+        trained = storage / name
     start = time.perf_counter()
     run_dir = trained or fit("stage1", config)
     train_seconds, model = time.perf_counter() - start, run_dir / "model"
     report = json.loads((run_dir / "report.json").read_text())
-    wanted = {"seed": seed, "steps": config.optim.max_steps, "train_data": list(config.train_data)}
-    found = {"seed": report["config"]["seed"], "steps": report["steps"], "train_data": report["config"]["train_data"]}
+    found = found_in(run_dir)
     if trained and found != wanted:
         raise SystemExit(f"{trained} is not round {round_} of this run: it has {found}, the round wants {wanted}")
     row = {"seed": seed, "round": round_, "model": str(model), "train_data": train_data or ["clean"],
@@ -117,7 +125,7 @@ def one_round(seed: int, round_: int, world: Path, storage: Path, train_data: li
 
 
 def run(seeds: list[int], storage: Path, world: Path, extra: list[str], round1: str = "",
-        round2_seeds: list[int] | None = None, round2: str = "") -> list[dict]:
+        round2_seeds: list[int] | None = None, round2: str = "", reuse: bool = False) -> list[dict]:
     import ray
 
     quiet_progress_bars()
@@ -126,12 +134,13 @@ def run(seeds: list[int], storage: Path, world: Path, extra: list[str], round1: 
     init_ray(include_dashboard=False)
     try:
         for seed in seeds:
-            first = one_round(seed, 1, world, storage, [], extra, Path(round1.format(seed=seed)) if round1 else None)
+            first = one_round(seed, 1, world, storage, [], extra, Path(round1.format(seed=seed)) if round1 else None,
+                              reuse)
             rows.append(first)
             if round2_seeds is None or seed in round2_seeds:
                 kept = Path(first["scores"]["itm"]["web"]["output"]) / "kept"
                 rows.append(one_round(seed, 2, world, storage, [str(world / "webdataset" / "clean"), str(kept)], extra,
-                                      Path(round2.format(seed=seed)) if round2 else None))
+                                      Path(round2.format(seed=seed)) if round2 else None, reuse))
     finally:
         ray.shutdown()
     return rows
@@ -156,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round2", default="", metavar="DIR", help="take round 2 from these runs (an "
                         "earlier run of this script with the same --storage: it must have trained on this run's "
                         "round-1 kept records)")
+    parser.add_argument("--reuse", action="store_true", help="take a round whose run already finished under "
+                        "--storage (same seed, steps and training data: an earlier, interrupted or shorter run of "
+                        "this script) instead of training it again; the record says so")
     parser.add_argument("--out", help="the record to write (default: <storage>/capfilt_bootstrap.json)")
     args = parser.parse_args(argv)
     if args.round2_seeds is not None and args.seeds[0] not in args.round2_seeds:
@@ -164,11 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else storage / "capfilt_bootstrap.json"
     commit, load_before = git_commit(), os.getloadavg()[0]
     started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
-    rows = run(args.seeds, storage, world, args.set, args.round1, args.round2_seeds, args.round2)
+    rows = run(args.seeds, storage, world, args.set, args.round1, args.round2_seeds, args.round2, args.reuse)
     options = [f"--seeds {','.join(map(str, args.seeds))}"] if args.seeds != [0] else []
     options += [f"--round2-seeds {','.join(map(str, args.round2_seeds))}"] if args.round2_seeds is not None else []
     options += [f"--set {override}" for override in args.set] + (["--round1 DIR"] if args.round1 else []) + (
-        ["--round2 DIR"] if args.round2 else [])
+        ["--round2 DIR"] if args.round2 else []) + (["--reuse"] if args.reuse else [])
     record = {"command": " ".join(["python benchmarks/capfilt_bootstrap.py", *options]), "commit": commit,
               "date": started.strftime("%Y-%m-%d %H:%M UTC"), "wall_seconds": round(time.perf_counter() - start),
               "machine": machine(), "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
