@@ -84,6 +84,15 @@ def _capfilt(world: Path, model: Path, score: str, threshold: float, out: Path, 
             "kept_captions": report.get("kept_captions"), "synthetic_captions": captions, "output": str(out)}
 
 
+def _trained_as(run_dir: Path) -> dict | None:
+    """A finished stage-1 run's seed, steps and training data; None when ``run_dir`` holds no report."""
+    try:
+        report = json.loads((run_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {"seed": report["config"]["seed"], "steps": report["steps"], "train_data": report["config"]["train_data"]}
+
+
 def one_round(seed: int, round_: int, world: Path, storage: Path, train_data: list[str], extra: list[str],
               trained: Path | None = None, reuse: bool = False) -> dict:
     """Train round ``round_``'s filter (or take ``trained``, a run of the same config and seed), choose its
@@ -95,18 +104,13 @@ def one_round(seed: int, round_: int, world: Path, storage: Path, train_data: li
         overrides.append("train_data=[" + ",".join(train_data) + "]")
     config = load_config(Stage1Config, CONFIG_DIR / "stage1_toy.yaml", overrides)
     wanted = {"seed": seed, "steps": config.optim.max_steps, "train_data": list(config.train_data)}
-
-    def found_in(run_dir: Path) -> dict:
-        report = json.loads((run_dir / "report.json").read_text())
-        return {"seed": report["config"]["seed"], "steps": report["steps"], "train_data": report["config"]["train_data"]}
-
-    if trained is None and reuse and (storage / name / "report.json").is_file() and found_in(storage / name) == wanted:
+    if trained is None and reuse and _trained_as(storage / name) == wanted:
         trained = storage / name
     start = time.perf_counter()
     run_dir = trained or fit("stage1", config)
     train_seconds, model = time.perf_counter() - start, run_dir / "model"
     report = json.loads((run_dir / "report.json").read_text())
-    found = found_in(run_dir)
+    found = _trained_as(run_dir)
     if trained and found != wanted:
         raise SystemExit(f"{trained} is not round {round_} of this run: it has {found}, the round wants {wanted}")
     row = {"seed": seed, "round": round_, "model": str(model), "train_data": train_data or ["clean"],

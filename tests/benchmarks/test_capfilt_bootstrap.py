@@ -30,3 +30,14 @@ def test_a_reused_round_must_be_that_round_of_this_run(tmp_path):
     kept = [str(world / "webdataset" / "clean"), str(storage / "capfilt-boot-r1-web-itm" / "kept")]
     with pytest.raises(SystemExit, match="is not round 2 of this run"):  # trained on clean alone, not + kept
         module.one_round(1, 2, world, storage, kept, [], trained)
+
+
+def test_reuse_takes_only_a_finished_run_of_the_same_round(tmp_path):
+    module = load()
+    run = tmp_path / "capfilt-boot-r1-seed1"
+    assert module._trained_as(run) is None  # nothing there: the round trains
+    run.mkdir()
+    (run / "report.json").write_text("{truncated")
+    assert module._trained_as(run) is None
+    (run / "report.json").write_text(json.dumps({"steps": 800, "config": {"seed": 1, "train_data": ["a", "b"]}}))
+    assert module._trained_as(run) == {"seed": 1, "steps": 800, "train_data": ["a", "b"]}
