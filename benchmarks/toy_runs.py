@@ -19,8 +19,8 @@ Stage 1 runs about 800 steps at ~1.5 steps/s on two idle cores: the whole record
 training them again, for a change in how a finished model is scored (eval sets, ``rerank_k``,
 ``rerank_itc_scale``, ``itm_eval_images``): a job is reused only when its run finished training exactly as
 its config now says (a key added to the config since must hold its default), and a job downstream of a
-retrained one is retrained too. Reused jobs say so in the record, with the time they trained; their wall
-time and goodput are the original run's.
+retrained one is retrained too. Reused jobs say so in the record, with the time they finished; their wall
+time and goodput are the original run's (the README leaves them out: they were measured under that time's load).
 """
 
 from __future__ import annotations
@@ -97,6 +97,12 @@ def finished_run(config: TrainConfig) -> dict | None:
     return report
 
 
+def _finished_at(config: TrainConfig) -> str:
+    """When a finished run wrote its report (the end of its training and first scoring), UTC."""
+    stamp = (config.output / "report.json").stat().st_mtime
+    return dt.datetime.fromtimestamp(stamp, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def rescore(stage: str, config: TrainConfig, report: dict) -> dict:
     """``report`` with its export scored again by the current code and ``config``'s eval settings."""
     task = TASKS[stage][1](config)
@@ -126,7 +132,7 @@ def run_job(stage: str, seed: int, overrides: list[str], reuse: bool = False) ->
         print(f"== {stage} seed {seed}: {wall:.0f} s, headline {report['headline']}", flush=True)
     return {"stage": stage, "config": f"pipelines/configs/{path.name}", "seed": seed, "steps": report["steps"],
             "overrides": overrides, "wall_seconds": round(wall, 1),
-            **({"reused": True, "trained_at": report["started_at"]} if finished is not None else {}),
+            **({"reused": True, "finished_at": _finished_at(config)} if finished is not None else {}),
             "samples_per_s": report["samples_per_s"],
             "goodput": split["goodput"]["ratio"], "fixed_fraction": split["goodput"]["fixed_fraction"],
             "seconds": split["seconds"], "headline": report["headline"],
@@ -170,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="with --storage: a job whose run there finished "
                         "training exactly as its config says (all but how it is scored: eval sets, rerank_k, "
                         "rerank_itc_scale, itm_eval_images) is not trained again; its export is scored again by "
-                        "this code (the record marks it reused; its wall time and goodput are the original run's)")
+                        "this code (the record marks it reused, with when it finished; its wall time and goodput are the "
+                        "original run's)")
     args = parser.parse_args(argv)
     if args.reuse and not args.storage:
         parser.error("--reuse needs --storage (the directory of an earlier record's runs)")
