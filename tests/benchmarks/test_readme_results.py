@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from blip2.config import load_config
+from blip2.training.config import Stage1Config
+from pipelines.common import CONFIG_DIR
 from pipelines.demo_record import run_record
 from tests.benchmarks import load_script
 
@@ -78,6 +81,11 @@ def test_the_readme_toy_config_block_is_the_committed_toy_runs_record(tmp_path, 
         name = {"stage1": "coco_retrieval/test", "stage2": "coco_captions/test", "instruct": "vqav2/test"}
         value = run["benchmarks"][name[run["stage"]]][figure[run["stage"]]]
         assert f"{value:.2f}" in block or f"{value:.3f}" in block
+    shipped = load_config(Stage1Config, CONFIG_DIR / "stage1_toy.yaml", [])  # the record scored as it says
+    for run in (r for r in record["runs"] if r["stage"] == "stage1"):
+        for split in ("test", "novel"):
+            scored = run["benchmarks"][f"coco_retrieval/{split}"]
+            assert (scored["rerank_k"], scored["rerank_itc_scale"]) == (shipped.rerank_k, shipped.rerank_itc_scale)
     held_out = record["runs"][-1]["benchmarks"]["vqav2/test"]["accuracy/held_out"]
     readme = tmp_path / "README.md"
     readme.write_text(module.README.read_text().replace(f"(zero-shot) {held_out:.3f}", "(zero-shot) 0.123", 1))
@@ -90,8 +98,6 @@ def test_the_readme_capfilt_table_is_the_committed_bootstrap_record_and_the_toy_
     """The two-round CapFilt table (benchmarks/capfilt_bootstrap.py's record) is the README's; the toy
     CapFilt config filters with the score and the `val` threshold that record chose for its round 2."""
     from blip2.capfilt.config import CapFiltConfig
-    from blip2.config import load_config
-    from pipelines.common import CONFIG_DIR
 
     module = load()
     record = json.loads(module.CAPFILT_RUN.read_text())
