@@ -21,7 +21,7 @@ import torch
 
 from blip2.config import load_config
 from blip2.backbones.build import ToyBackbones, find_backbones
-from blip2.matching import evaluate_matching, one_attribute_wrong
+from blip2.matching import evaluate_matching, matching_pairs, one_attribute_wrong, pair_probabilities
 from blip2.toyworld.corpus import generate_split
 from blip2.models.export import export_stage1
 from blip2.toyworld.standard import QUESTION_FAMILIES, write_standard_split
@@ -150,6 +150,29 @@ def served_match(client, images: list[bytes], texts: list[str]) -> list[float]:
 
     with ThreadPoolExecutor(8) as pool:
         return list(pool.map(one, zip(images, texts, strict=True)))
+
+
+SERVED_IMAGES = 12
+SERVED_WINS = 9  # of 12: the right caption above a random wrong one on at least 3 images in 4
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_served_match_is_the_in_process_itm_and_prefers_the_right_caption(fast_stage1_itm, ray_local, tmp_path):
+    """``/v1/match`` over HTTP on the briefly trained model's export gives the P(match) that
+    ``blip2.matching`` computes in this process, for right, one-attribute-wrong and random pairs of held-out
+    images, and the right caption beats the random wrong one on most of them."""
+    task, model, _ = fast_stage1_itm
+    records = generate_split(task.config.world, "test")[:SERVED_IMAGES]
+    pairs = matching_pairs([r.attributes for r in records])
+    texts = {"right": pairs.right, **pairs.wrong}
+    expected = pair_probabilities(model, task.tokenizer, records, texts)
+    with served_stage1(export_stage1(model, tmp_path / "model"), task.backbones) as client:
+        served = {name: served_match(client, [r.image for r in records], captions) for name, captions in texts.items()}
+    for name in texts:
+        assert served[name] == pytest.approx(expected[name].tolist(), abs=1e-4), name
+    wins = sum(right > wrong for right, wrong in zip(served["right"], served["random"]))
+    assert wins >= SERVED_WINS, (wins, served)
 
 
 def served_one_attribute_wins(model_dir: Path, num_images: int = 200, seed: int = 0) -> list[bool]:
