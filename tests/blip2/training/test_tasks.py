@@ -233,12 +233,15 @@ def test_feature_cache_of_capfilt_output_keeps_every_caption_parquet_safe(record
 
 def test_an_instruction_unaware_qformer_is_a_switch_the_export_keeps(records, stage1_dir, tmp_path):
     """``qformer_instruction=false`` (InstructBLIP's Table 3 ablation): the Q-Former is given an empty
-    instruction in training batches and, read from the exported config, when the export answers; the LLM
-    still gets the instruction."""
+    instruction in training batches and, read from the exported config, when the export answers
+    (``generate_answers``, blip2 evaluate's / Serve's runtime, Serve's continuous decoder); the LLM still
+    gets the instruction."""
     from blip2.datasets.predict import SetPredictor
     from blip2.images import load_image as read_image_bytes
-    from blip2.models.generation import decode, generate_answers, generate_ids
+    from blip2.models.generation import GenerationParams, decode, generate_answers, generate_ids
     from blip2.models.instruct import encode_qformer_instructions, instruction_aware
+    from blip2.serving.decoding import ContinuousDecoder
+    from blip2.serving.requests import GenerationRequest
 
     assert InstructConfig().qformer_instruction
     stage2 = Stage2Task(Stage2Config(world=WORLD, stage1=str(stage1_dir), llm="opt"))
@@ -275,10 +278,15 @@ def test_an_instruction_unaware_qformer_is_a_switch_the_export_keeps(records, st
     predictor = SetPredictor(str(tmp_path / "instruct" / "model"), retrieval=False)  # blip2 evaluate's and Serve's path
     observe(predictor.runtime.bundle.model)
     predictor.generate([read_image_bytes(r.image) for r in records[:2]], questions)
+    decoder = ContinuousDecoder(predictor.runtime)  # Serve's continuous batching, on the same runtime
+    for question, record in zip(questions, records[:2]):
+        decoder.submit(GenerationRequest(read_image_bytes(record.image), question, GenerationParams(max_new_tokens=2)))
+    while decoder.has_work():
+        decoder.step()
     observe(exported.model)
     answers = generate_answers(exported.model, exported.tokenizer, pixels, questions,
                                qformer_tokenizer=exported.qformer_tokenizer)
-    assert len(seen) == 2 and all(torch.equal(s, ids) for s in seen) and not torch.equal(ids, told_ids[:, : ids.shape[1]])
+    assert len(seen) == 3 and all(torch.equal(s, ids) for s in seen) and not torch.equal(ids, told_ids[:, : ids.shape[1]])
     expected = generate_ids(exported.model, exported.tokenizer, pixels, questions, qformer_input_ids=ids,
                             qformer_attention_mask=mask)
     assert answers == decode(exported.tokenizer, expected)
