@@ -17,10 +17,13 @@ def test_training_job_submits_and_succeeds(head, tmp_path):
                     f"toyworld={tmp_path / 'world'}", "world.web_size=40", "world.clean_size=64", "world.val_size=10",
                     "world.test_size=32", "world.novel_size=10", "model.hidden_size=64", "model.num_layers=1",
                     "model.num_query_tokens=4", "optim.batch_size=16", "optim.warmup_steps=1", "optim.max_steps=3",
-                    "checkpoint_every=3", "scaling.cpus_per_worker=0.5", "name=submitted")
+                    "checkpoint_every=3", "scaling.cpus_per_worker=0.5", "name=submitted",
+                    # one small set, not the toy config's test + novel at 100 images each (an actor pool each)
+                    "eval=[{task: coco_retrieval, split: test, limit: 16}]")
     assert "[stage1] done" in output  # the job's own progress lines reach `ray job submit`
     report = json.loads((out / "submitted" / "report.json").read_text())
     assert report["steps"] == 3 and (out / "submitted" / "model" / "config.json").exists()
+    assert report["eval"]["num_images"] == 16  # scored after training, in the submitted driver
 
 
 def test_capfilt_job_submits_and_succeeds(head, tmp_path, small_world):
