@@ -26,6 +26,9 @@ def head(tmp_path_factory):
     when a test first asks for it (about 10 s), and stopped at the end of the session."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_AUTH_MODE": "disabled",  # token auth is on by default (docs/ray-and-transformers-traps.md)
+           # on SIGTERM a node first drains (up to 30 s, for Serve proxies to quiesce): nothing to drain at the
+           # end of a test session, so the head stops at once (about 35 s less teardown)
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}  # the jobs' `python` is this environment's
     dashboard = free_port()
     log = (tmp_path_factory.mktemp("head") / "head.log").open("w")
