@@ -175,6 +175,13 @@ def toy_block(record: dict) -> str:
     return "\n".join([*lines, TOY_END])
 
 
+def _reused_rounds(record: dict) -> str:
+    reused = sum(bool(row.get("reused")) for row in record["rounds"])
+    return (f"; {reused} of its {len(record['rounds'])} rounds' stage-1 runs trained earlier (same config, seed "
+            "and training data) and were taken as they were: the wall time is this run's thresholds and CapFilt "
+            "passes" if reused else "")
+
+
 def capfilt_block(record: dict) -> str:
     """The README's table of the two-round CapFilt bootstrap: per seed, round and score, the threshold
     chosen on `val` and what it does on the web split."""
@@ -182,7 +189,7 @@ def capfilt_block(record: dict) -> str:
     lines = [CAPFILT_BEGIN,
              f"`{record['command']}` ({record['date']}, commit {record['commit'][:7]}, {round(record['wall_seconds'] / 60)} "
              f"min wall; {host['cpu']}, {host['cores']} cores, load average {record['load_average'][0]} before, "
-             f"{record['load_average'][1]} after). Each round is `{record['config']['stage1']}` on Ray Train; "
+             f"{record['load_average'][1]} after{_reused_rounds(record)}). Each round is `{record['config']['stage1']}` on Ray Train; "
              f"precision / recall of flagging the wrong web alt-texts ({record['rounds'][0]['scores']['itm']['web']['records']:,} "
              "records), each score at its threshold chosen on `val` pairs.", "",
              "| seed | round: stage 1 on | steps | score | threshold (val) | val precision / recall | "
