@@ -21,6 +21,9 @@ response time.
 
 The presets: ``toy-instruct-opt`` (the toy) and ``toy-instruct-opt-large`` (the same code path with an
 untrained LLM about 30x the toy's FLOPs per token, so that model compute outweighs the HTTP path).
+
+A Ray instance the benchmark starts runs Serve as ``blip2 serve`` does, in Ray Serve's throughput mode
+(``RAY_SERVE_THROUGHPUT_OPTIMIZED=0`` in the environment measures without it); the JSON records which.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from blip2.models.generation import GenerationParams
 from blip2.serving.requests import GenerationRequest
 from blip2.serving.runtime import load_runtime
 from blip2.toyworld.world import all_attributes, render
-from pipelines.common import CONFIG_DIR
+from pipelines.common import CONFIG_DIR, SERVE_ENVIRONMENT, serve_environment
 from pipelines.serve import ServeConfig, application
 
 CONCURRENCY = (1, 4, 16, 64)
@@ -270,12 +273,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     started_ray = not ray.is_initialized()
     if started_ray:
+        serve_environment()  # as `blip2 serve` starts Ray: Serve's throughput mode unless the environment says otherwise
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # never join a running cluster
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     images = toy_pngs()
     results: dict = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                     "max_new_tokens": list(args.lengths), "max_batch_size": args.max_batch_size, "presets": {}}
+                     "max_new_tokens": list(args.lengths), "max_batch_size": args.max_batch_size,
+               # the Serve settings of this process's environment (those of the Ray instance when it started one)
+               "serve_environment": {name: os.environ.get(name, "") for name in SERVE_ENVIRONMENT}, "presets": {}}
     try:
         for preset in [p for p in args.presets.split(",") if p]:
             results["presets"][preset] = measure_preset(preset, port, args, images)

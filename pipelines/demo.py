@@ -46,7 +46,7 @@ from blip2.reporting import plot_workflow
 from blip2.toyworld.corpus import SPLITS, ToyWorldConfig
 from blip2.toyworld.text import INSTRUCTION_TASKS
 from blip2.training.config import InstructConfig, Stage1Config, Stage2Config, TrainConfig
-from pipelines.common import init_ray, job_parser, log, parse_config
+from pipelines.common import init_ray, job_parser, log, parse_config, serve_environment
 from pipelines.demo_record import run_record
 from pipelines.demo_requests import ask_endpoint
 from pipelines.serve import ServeConfig
@@ -396,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("ray", "ray.data", "ray.train", "ray.serve"):  # the driver's side of Ray's logs
         logging.getLogger(name).setLevel(config.log_level)
     # The dashboard stays on: it serves the State API that Ray Train's controller polls.
+    serve_environment()  # Serve's throughput mode for a Ray instance started here (RAY_SERVE_THROUGHPUT_OPTIMIZED=0: off)
     started = init_ray(config.ray_address, config.num_cpus, logging_config=ray.LoggingConfig(log_level=config.log_level))
     try:
         report = run(config)

@@ -15,6 +15,10 @@ the text sent when the batch is done); match and embed always use ``@serve.batch
 /v1/caption, /v1/answer, /v1/match, /v1/embed, /v1/chat/completions (OpenAI format; these three
 stream with ``"stream": true``, :mod:`blip2.serving.streaming`; chat is multi-turn), GET /v1/models,
 GET /healthz, and GET /: a page to try the model in a browser (:mod:`blip2.serving.page`).
+
+A Ray instance this command starts runs Ray Serve's throughput mode (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``,
+without its direct ingress: ``pipelines.common.SERVE_ENVIRONMENT``); ``RAY_SERVE_THROUGHPUT_OPTIMIZED=0`` in
+the environment turns it off. A cluster's nodes set it in their own environment (``cluster/Dockerfile``).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route methods' annotations (`request: Request`)
@@ -53,7 +57,7 @@ from blip2.serving.requests import (
 )
 from blip2.serving.runtime import GenerationResult
 from blip2.serving.streaming import DONE, ChatChunks, TextChunks, error_event, event, stream_requested
-from pipelines.common import CONFIG_DIR, init_ray, job_parser, log, parse_config
+from pipelines.common import CONFIG_DIR, init_ray, job_parser, log, parse_config, serve_environment
 from pipelines.serve_config import (  # noqa: F401 - re-exported: the job's config is imported from here
     DEFAULT_CONFIG,
     AutoscalingSettings,
@@ -335,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="start the app, call /healthz, /v1/models and /v1/caption once, remove the app, exit")
     config, args = parse_config(parser, ServeConfig, argv)
+    serve_environment()  # Serve's throughput mode for a Ray instance started here (RAY_SERVE_THROUGHPUT_OPTIMIZED=0: off)
     started_ray = init_ray(args.address or "")
     # After ray.init, which sets its own SIGTERM handler (sys.exit) and lets the core worker's fatal-signal
     # handler print "SIGTERM received" with stack frames: ours replaces both.

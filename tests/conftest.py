@@ -23,8 +23,12 @@ def ray_local():
     """One real local Ray instance for the whole session (starting one costs ~5 s and ~1 GB).
 
     More logical CPUs than the two cores: Ray Data read tasks must never be starved by actors
-    (docs/ray-and-transformers-traps.md, the silent-deadlock trap)."""
+    (docs/ray-and-transformers-traps.md, the silent-deadlock trap). Serve runs on it as `blip2 serve` runs
+    it: in Ray Serve's throughput mode, unless the environment says otherwise."""
     ray = pytest.importorskip("ray")
+    from pipelines.common import serve_environment
+
+    serve_environment()  # before Ray starts: its processes read it when they import Serve
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # never join a `ray start` cluster
     yield ray
     ray.shutdown()

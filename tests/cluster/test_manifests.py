@@ -114,3 +114,18 @@ def test_kuberay_has_a_cluster_a_service_and_a_job_per_stage():
 def test_rayservice_serves_the_projects_serve_config():
     service = next(load(p) for p in KUBERAY if load(p)["kind"] == "RayService")
     assert yaml.safe_load(service["spec"]["serveConfigV2"]) == load(ROOT / "pipelines" / "configs" / "serve_deploy.yaml")
+
+
+def test_every_node_runs_serve_as_blip2_serve_does():
+    """The image every manifest runs sets Serve's environment (throughput mode) as `blip2 serve` sets it."""
+    from pipelines.common import SERVE_ENVIRONMENT
+
+    env = {}
+    for line in (CLUSTER / "Dockerfile").read_text().splitlines():
+        if line.startswith("ENV "):
+            env.update(word.split("=", 1) for word in shlex.split(line[4:]))
+    assert {name: env.get(name) for name in SERVE_ENVIRONMENT} == SERVE_ENVIRONMENT
+    images = {load(p)["docker"]["image"] for p in LAUNCHERS}
+    images |= {line.split("image:", 1)[1].split("#")[0].strip().strip('"') for p in KUBERAY
+               for line in p.read_text().splitlines() if line.strip().startswith("image:")}
+    assert images == {"<registry>/blip2-ray:latest"}, images

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.common import SERVE_ENVIRONMENT
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -25,7 +27,8 @@ def head(tmp_path_factory):
     the machine is neither used nor disturbed): stopping it stops exactly its processes. Started once,
     when a test first asks for it (about 10 s), and stopped at the end of the session."""
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled",  # token auth is on by default (docs/ray-and-transformers-traps.md)
+    env = {**SERVE_ENVIRONMENT, **os.environ,  # Serve as on the clusters' nodes (cluster/Dockerfile)
+           "RAY_AUTH_MODE": "disabled",  # token auth is on by default (docs/ray-and-transformers-traps.md)
            # on SIGTERM a node first drains (up to 30 s, for Serve proxies to quiesce): nothing to drain at the
            # end of a test session, so the head stops at once (about 35 s less teardown)
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",

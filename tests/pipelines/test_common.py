@@ -23,3 +23,14 @@ def test_off_a_terminal_ray_data_logs_its_progress_every_30_s_and_transformers_b
     finally:
         transformers_logging.enable_progress_bar()
         common.os.environ.pop("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", None)
+
+
+def test_serve_environment_sets_throughput_mode_unless_the_environment_says_otherwise():
+    from pipelines.common import SERVE_ENVIRONMENT, serve_environment
+
+    environ = {}
+    assert serve_environment(environ) == SERVE_ENVIRONMENT == environ
+    assert environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+    opted_out = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
+    assert serve_environment(opted_out) == {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    assert opted_out["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
