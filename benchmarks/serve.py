@@ -280,8 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
     images = toy_pngs()
     results: dict = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                      "max_new_tokens": list(args.lengths), "max_batch_size": args.max_batch_size,
-               # the Serve settings of this process's environment (those of the Ray instance when it started one)
-               "serve_environment": {name: os.environ.get(name, "") for name in SERVE_ENVIRONMENT}, "presets": {}}
+                     # the Serve settings of this process's environment (the Ray instance's, when it started one)
+                     "serve_environment": {name: os.environ.get(name, "") for name in SERVE_ENVIRONMENT}, "presets": {}}
     try:
         for preset in [p for p in args.presets.split(",") if p]:
             results["presets"][preset] = measure_preset(preset, port, args, images)

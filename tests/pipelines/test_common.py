@@ -1,5 +1,6 @@
-"""Progress in a log: off a terminal Ray Data keeps its progress, as plain lines every 30 s (Ray 2.60 logs
-instead of drawing bars when stdout is not a terminal), and transformers' redrawing bars are off."""
+"""pipelines.common: progress in a log (off a terminal Ray Data keeps its progress, as plain lines every 30 s
+— Ray 2.60 logs instead of drawing bars when stdout is not a terminal — and transformers' redrawing bars are
+off), and the Serve environment a Ray instance started by the project gets (throughput mode, opt-out)."""
 
 import io
 
