@@ -51,6 +51,7 @@ from blip2.datasets.toy import (
     rerank_metrics,
     retrieval_metrics,
     set_attributes,
+    toy_relevance,
 )
 from blip2.metrics import rerank_effect
 from blip2.models.generation import GenerationParams
@@ -312,11 +313,10 @@ def evaluate_retrieval(config: EvaluateConfig, images: Sequence, matched: Sequen
                     "rerank_itc_scale": config.rerank_itc_scale,
                     "unreadable_images": sum(bool(r["error"]) for r in image_rows)})
     if config.toy:
-        attributes = set_attributes(images)
+        toy_relevant = toy_relevance(texts, text_image, set_attributes(images))
         for suffix, (text_to_image, image_to_text) in rankings.items():
-            metrics.update(retrieval_metrics(text_to_image, image_to_text, texts, text_image, attributes,
-                                             RETRIEVAL_KS, suffix))
-        metrics.update(rerank_metrics(rankings[""], rankings["_itc"], texts, text_image, attributes))
+            metrics.update(retrieval_metrics(text_to_image, image_to_text, toy_relevant, RETRIEVAL_KS, suffix))
+        metrics.update(rerank_metrics(rankings[""], rankings["_itc"], toy_relevant))
         metrics["num_candidates"] = len(images)
     if matched:
         offsets = [len(candidates[i]) if i < len(images) else 0 for i in range(len(matched))]

@@ -55,16 +55,27 @@ def set_attributes(images: Sequence[CaptionedImage]) -> list[Attributes]:
     return result
 
 
-def retrieval_metrics(text_to_image: torch.Tensor, image_to_text: torch.Tensor, texts: Sequence[str],
-                      text_image: Sequence[int], attributes: Sequence[Attributes], ks: Sequence[int] = (1, 5, 10),
+def toy_relevance(texts: Sequence[str], text_image: Sequence[int], attributes: Sequence[Attributes]
+                  ) -> dict[tuple[str, str], torch.Tensor]:
+    """Relevance per (direction, level), built once per evaluation and shared by
+    :func:`retrieval_metrics` and :func:`rerank_metrics`: t2i (T, I) and i2t (I, T), strict (a text's own
+    image; an image's own captions) and attribute-level (an image with every attribute the text states;
+    for an image, a caption stating exactly its four attributes)."""
+    strict = identity_relevance(list(text_image), list(range(len(attributes))))  # (T, I)
+    stated = [parse_attributes(text) for text in texts]
+    fits = attribute_relevance(stated, [a.as_dict() for a in attributes])  # (T, I)
+    complete = torch.tensor([len(s) == len(ATTRIBUTES) for s in stated])  # (T,)
+    return {("t2i", "strict"): strict, ("t2i", "attribute"): fits,
+            ("i2t", "strict"): strict.t(), ("i2t", "attribute"): (fits & complete[:, None]).t()}
+
+
+def retrieval_metrics(text_to_image: torch.Tensor, image_to_text: torch.Tensor,
+                      relevance: dict[tuple[str, str], torch.Tensor], ks: Sequence[int] = (1, 5, 10),
                       suffix: str = "") -> dict[str, float]:
     """``{t2i,i2t}_r{k}_{strict,attribute}`` + ``suffix`` of rankings ``text_to_image`` (T, >= k) and
-    ``image_to_text`` (I, >= k), best first.
-
-    Strict: a text's own image; an image's own captions. Attribute-level: an image with every attribute
-    the text states; for an image, a caption stating exactly its four attributes."""
+    ``image_to_text`` (I, >= k), best first, against :func:`toy_relevance`."""
     metrics = {}
-    for (direction, level), relevant in _relevance(texts, text_image, attributes).items():
+    for (direction, level), relevant in relevance.items():
         ranking = text_to_image if direction == "t2i" else image_to_text
         for name, value in recall_at_k(ranking, relevant, ks).items():
             metrics[f"{direction}_r{name.split('@')[1]}_{level}{suffix}"] = value
@@ -72,29 +83,18 @@ def retrieval_metrics(text_to_image: torch.Tensor, image_to_text: torch.Tensor, 
 
 
 def rerank_metrics(reranked: tuple[torch.Tensor, torch.Tensor], itc: tuple[torch.Tensor, torch.Tensor],
-                   texts: Sequence[str], text_image: Sequence[int], attributes: Sequence[Attributes]) -> dict[str, int]:
+                   relevance: dict[tuple[str, str], torch.Tensor]) -> dict[str, int]:
     """How the ITM re-rank moved R@1 against ITC alone, attribute-level and strict: per direction, the
     queries whose top 1 it made right (``{t2i,i2t}_rerank_fixed_{attribute,strict}``) and wrong
-    (``..._broken_...``). ``reranked`` and ``itc`` are (text_to_image, image_to_text) rankings."""
+    (``..._broken_...``). ``reranked`` and ``itc`` are (text_to_image, image_to_text) rankings;
+    ``relevance`` is :func:`toy_relevance`'s."""
     metrics = {}
-    for (direction, level), relevant in _relevance(texts, text_image, attributes).items():
+    for (direction, level), relevant in relevance.items():
         index = 0 if direction == "t2i" else 1
         effect = rerank_effect(reranked[index], itc[index], relevant)
         metrics[f"{direction}_rerank_fixed_{level}"] = effect["fixed"]
         metrics[f"{direction}_rerank_broken_{level}"] = effect["broken"]
     return metrics
-
-
-def _relevance(texts: Sequence[str], text_image: Sequence[int], attributes: Sequence[Attributes]
-               ) -> dict[tuple[str, str], torch.Tensor]:
-    """Relevance per (direction, level): t2i (T, I) and i2t (I, T), strict and attribute-level (see
-    :func:`retrieval_metrics`)."""
-    strict = identity_relevance(list(text_image), list(range(len(attributes))))  # (T, I)
-    stated = [parse_attributes(text) for text in texts]
-    fits = attribute_relevance(stated, [a.as_dict() for a in attributes])  # (T, I)
-    complete = torch.tensor([len(s) == len(ATTRIBUTES) for s in stated])  # (T,)
-    return {("t2i", "strict"): strict, ("t2i", "attribute"): fits,
-            ("i2t", "strict"): strict.t(), ("i2t", "attribute"): (fits & complete[:, None]).t()}
 
 
 def matching_texts(attributes: Sequence[Attributes], seed: int = 0) -> MatchingPairs:

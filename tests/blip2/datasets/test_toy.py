@@ -17,6 +17,7 @@ from blip2.datasets.toy import (
     question_metrics,
     retrieval_metrics,
     set_attributes,
+    toy_relevance,
 )
 from blip2.images import load_image
 from blip2.toyworld.corpus import ToyWorldConfig, write_toyworld
@@ -94,10 +95,11 @@ def test_retrieval_strict_is_standard_recall_and_attribute_level_counts_look_ali
     t2i = torch.argsort(fits.float() + 0.1 * retrieval_relevance(text_image, len(images)).float(), dim=1,
                         descending=True, stable=True)
     i2t = torch.argsort(retrieval_relevance(text_image, len(images)).t().float(), dim=1, descending=True, stable=True)
-    scores = retrieval_metrics(t2i, i2t, texts, text_image, attributes, ks=(1, 5))
+    relevance = toy_relevance(texts, text_image, attributes)
+    scores = retrieval_metrics(t2i, i2t, relevance, ks=(1, 5))
     assert scores["t2i_r1_strict"] == scores["t2i_r1_attribute"] == scores["i2t_r1_attribute"] == 1.0
     wrong = torch.stack([torch.arange(6).roll(-i - 1) for i in text_image])  # own image last
-    shifted = retrieval_metrics(wrong, i2t, texts, text_image, attributes, ks=(1, 5), suffix="_itc")
+    shifted = retrieval_metrics(wrong, i2t, relevance, ks=(1, 5), suffix="_itc")
     assert shifted["t2i_r5_strict_itc"] == 0.0 and shifted["t2i_r1_attribute_itc"] >= shifted["t2i_r1_strict_itc"]
 
 
