@@ -165,13 +165,21 @@ class Stage1LossConfig:
     ITM's factor may follow a schedule over training (:meth:`itm_weight_at`): ``itm_weight_start`` for the
     first ``itm_weight_hold`` share of the steps, then linear to ``itm_weight`` over the next
     ``itm_weight_ramp`` share, then ``itm_weight``. Shares of ``optim.max_steps``, so a shorter run keeps the
-    shape of the schedule."""
+    shape of the schedule.
+
+    The negatives' hardness may follow a schedule too (:meth:`itm_random_negatives_at`): with
+    ``itm_random_negatives_end`` set, the share of random negatives goes linearly from
+    ``itm_random_negatives`` at the first step to ``itm_random_negatives_end`` at the
+    ``itm_random_negatives_ramp`` share of the steps, then stays there (easy negatives first, BLIP's
+    ITC-hard ones once ITC's features have formed)."""
 
     itm_weight: float = 1.0  # ITM's factor in the summed loss (after the schedule, if any)
     itm_random_negatives: float = 0.0  # share of ITM negatives drawn uniformly rather than by ITC hardness
     itm_weight_start: float | None = None  # ITM's factor at the start; None: itm_weight throughout
     itm_weight_hold: float = 0.0  # share of max_steps at itm_weight_start
     itm_weight_ramp: float = 0.0  # share of max_steps to go linearly from itm_weight_start to itm_weight
+    itm_random_negatives_end: float | None = None  # random share at the ramp's end; None: itm_random_negatives throughout
+    itm_random_negatives_ramp: float = 1.0  # share of max_steps over which the random share reaches its end
     # ITC's and ITG's factors in itc_weight * ITC + itm_weight * ITM + itg_weight * ITG; 0 ablates one
     # (BLIP-2's ITG ablation: itg_weight=0). The loss is still computed and logged.
     itc_weight: float = 1.0
@@ -186,6 +194,10 @@ class Stage1LossConfig:
             raise ValueError("itm_weight_start must be >= 0 (or null: no schedule)")
         if self.itm_weight_hold < 0 or self.itm_weight_ramp < 0 or self.itm_weight_hold + self.itm_weight_ramp > 1:
             raise ValueError("itm_weight_hold and itm_weight_ramp must be >= 0 and sum to at most 1")
+        if self.itm_random_negatives_end is not None and not 0 <= self.itm_random_negatives_end <= 1:
+            raise ValueError("itm_random_negatives_end must be in [0, 1] (or null: no schedule)")
+        if not 0 < self.itm_random_negatives_ramp <= 1:
+            raise ValueError("itm_random_negatives_ramp must be in (0, 1]")
 
     def itm_weight_at(self, step: int, max_steps: int) -> float:
         """ITM's factor for optimiser step ``step`` (0-based) of ``max_steps``."""
@@ -198,6 +210,13 @@ class Stage1LossConfig:
             return self.itm_weight
         share = (done - self.itm_weight_hold) / self.itm_weight_ramp
         return self.itm_weight_start + share * (self.itm_weight - self.itm_weight_start)
+
+    def itm_random_negatives_at(self, step: int, max_steps: int) -> float:
+        """The share of ITM negatives drawn at random (not by ITC hardness) at optimiser step ``step``."""
+        if self.itm_random_negatives_end is None:
+            return self.itm_random_negatives
+        share = min(1.0, step / (max_steps * self.itm_random_negatives_ramp))
+        return self.itm_random_negatives + share * (self.itm_random_negatives_end - self.itm_random_negatives)
 
 
 @dataclass(frozen=True)

@@ -176,15 +176,18 @@ class Stage1Task(TrainingTask):
     def step_module(self, model, rank, world_size, device):
         generator = torch.Generator(device=device).manual_seed(self.config.seed * 1000 + rank)
         loss = self.config.loss
-        objective = Stage1Objective(rank, world_size, itm_weight=loss.itm_weight_at(0, self.config.optim.max_steps),
-                                    itm_random_negatives=loss.itm_random_negatives,
+        max_steps = self.config.optim.max_steps
+        objective = Stage1Objective(rank, world_size, itm_weight=loss.itm_weight_at(0, max_steps),
+                                    itm_random_negatives=loss.itm_random_negatives_at(0, max_steps),
                                     diagnostics=self.config.itm_diagnostics, itc_weight=loss.itc_weight,
                                     itg_weight=loss.itg_weight)
         self._objective = objective  # before_step sets its ITM weight
         return _Stage1Step(model, objective, generator, report_itm_weight=loss.itm_weight_start is not None)
 
     def before_step(self, step):
-        self._objective.itm_weight = self.config.loss.itm_weight_at(step, self.config.optim.max_steps)
+        loss, max_steps = self.config.loss, self.config.optim.max_steps
+        self._objective.itm_weight = loss.itm_weight_at(step, max_steps)
+        self._objective.itm_random_negatives = loss.itm_random_negatives_at(step, max_steps)
 
     def make_batch(self, batch, rng):
         texts = sample_captions(caption_choices(batch), rng)

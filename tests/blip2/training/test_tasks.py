@@ -135,6 +135,25 @@ def test_itm_weight_schedule_holds_then_ramps_over_shares_of_the_steps():
             Stage1LossConfig(**bad)
 
 
+
+def test_random_negative_share_goes_from_easy_to_hard_over_its_ramp_and_reaches_the_objective():
+    loss = Stage1LossConfig(itm_random_negatives=1.0, itm_random_negatives_end=0.0, itm_random_negatives_ramp=0.5)
+    assert [loss.itm_random_negatives_at(s, 100) for s in (0, 25, 50, 99)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert Stage1LossConfig(itm_random_negatives=0.3).itm_random_negatives_at(99, 100) == 0.3  # no schedule
+    for bad in ({"itm_random_negatives_end": 1.5}, {"itm_random_negatives_ramp": 0.0}):
+        with pytest.raises(ValueError):
+            Stage1LossConfig(**bad)
+    config = Stage1Config(world=WORLD, model=Stage1ModelConfig(hidden_size=64, num_layers=1, image_text_hidden_size=32,
+                                                               num_query_tokens=4),
+                          optim=OptimConfig(max_steps=4, warmup_steps=0, batch_size=8), loss=loss)
+    task = Stage1Task(config)
+    task.step_module(task.build_model(), 0, 1, CPU)
+    shares = []
+    for step in range(4):
+        task.before_step(step)
+        shares.append(task._objective.itm_random_negatives)
+    assert shares == pytest.approx([1.0, 0.5, 0.0, 0.0])
+
 def test_training_follows_the_itm_weight_schedule_step_by_step(records):
     """The weight each optimiser step used is in the history, and the loss is ITC + that weight * ITM + ITG."""
     config = Stage1Config(world=WORLD, model=Stage1ModelConfig(hidden_size=64, num_layers=1, image_text_hidden_size=32,
