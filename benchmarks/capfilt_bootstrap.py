@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.run_all import machine  # noqa: E402
-from benchmarks.toy_runs import _seeds  # noqa: E402
+from benchmarks.toy_runs import _seeds, reuse_refusal  # noqa: E402
 from blip2.capfilt.config import CapFiltConfig  # noqa: E402
 from blip2.config import load_config  # noqa: E402
 from blip2.training.config import Stage1Config  # noqa: E402
@@ -84,35 +84,28 @@ def _capfilt(world: Path, model: Path, score: str, threshold: float, out: Path, 
             "kept_captions": report.get("kept_captions"), "synthetic_captions": captions, "output": str(out)}
 
 
-def _trained_as(run_dir: Path) -> dict | None:
-    """A finished stage-1 run's seed, steps and training data; None when ``run_dir`` holds no report."""
-    try:
-        report = json.loads((run_dir / "report.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return {"seed": report["config"]["seed"], "steps": report["steps"], "train_data": report["config"]["train_data"]}
-
-
 def one_round(seed: int, round_: int, world: Path, storage: Path, train_data: list[str], extra: list[str],
               trained: Path | None = None, reuse: bool = False) -> dict:
     """Train round ``round_``'s filter (or take ``trained``, a run of the same config and seed), choose its
     thresholds on val, filter the web split with each score. ``reuse``: a finished run of this round
-    already under ``storage`` (same seed, steps and training data) is taken instead of trained again."""
+    already under ``storage`` is taken instead of trained again. Either must have trained exactly as the
+    round's config says (``benchmarks/toy_runs.py``'s :func:`reuse_refusal`: seed, steps, training data and
+    every other training setting)."""
     name = f"capfilt-boot-r{round_}" + (f"-seed{seed}" if seed else "")
     overrides = [f"seed={seed}", f"toyworld={world}", f"storage_path={storage}", f"name={name}", *extra]
     if train_data:
         overrides.append("train_data=[" + ",".join(train_data) + "]")
     config = load_config(Stage1Config, CONFIG_DIR / "stage1_toy.yaml", overrides)
-    wanted = {"seed": seed, "steps": config.optim.max_steps, "train_data": list(config.train_data)}
-    if trained is None and reuse and _trained_as(storage / name) == wanted:
-        trained = storage / name
+    if trained is None and reuse and not reuse_refusal(config):
+        trained = config.output
+    refusal = reuse_refusal(config, trained) if trained else ""
+    if refusal:
+        raise SystemExit(f"{trained} is not round {round_} of this run (seed {seed}, {config.optim.max_steps} steps, "
+                         f"training data {list(config.train_data) or [config.train_split]}): {refusal}")
     start = time.perf_counter()
     run_dir = trained or fit("stage1", config)
     train_seconds, model = time.perf_counter() - start, run_dir / "model"
     report = json.loads((run_dir / "report.json").read_text())
-    found = _trained_as(run_dir)
-    if trained and found != wanted:
-        raise SystemExit(f"{trained} is not round {round_} of this run: it has {found}, the round wants {wanted}")
     row = {"seed": seed, "round": round_, "model": str(model), "train_data": train_data or ["clean"],
            "reused": str(trained) if trained else None,
            "overrides": overrides, "steps": report["steps"], "train_seconds": round(train_seconds, 1),
@@ -170,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                         "earlier run of this script with the same --storage: it must have trained on this run's "
                         "round-1 kept records)")
     parser.add_argument("--reuse", action="store_true", help="take a round whose run already finished under "
-                        "--storage (same seed, steps and training data: an earlier, interrupted or shorter run of "
+                        "--storage (trained exactly as the round's config says: an earlier or interrupted run of "
                         "this script) instead of training it again; the record says so")
     parser.add_argument("--out", help="the record to write (default: <storage>/capfilt_bootstrap.json)")
     args = parser.parse_args(argv)

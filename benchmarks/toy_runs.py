@@ -80,21 +80,40 @@ def _same(old, new, default) -> bool:
                                         for k, v in new.items())
 
 
-def finished_run(config: TrainConfig) -> dict | None:
-    """The report of a finished run of ``config`` at its output directory, when it trained exactly as
-    ``config`` says (every key but :data:`SCORING_KEYS`); else None."""
-    path = config.output / "report.json"
+# Where a run was written and which copy of the toy world it read (its ``world`` settings are compared): a
+# finished run elsewhere (another benchmark's, ``capfilt_bootstrap.py --round1``) may differ in these.
+PLACE_KEYS = ("name", "storage_path", "toyworld")
+
+
+def reuse_refusal(config: TrainConfig, run_dir: Path | None = None) -> str:
+    """Why the run at ``run_dir`` (default: ``config``'s output directory) cannot stand for a run of
+    ``config``, or "" when it can: it finished (a ``report.json`` with the goodput split and
+    ``optim.max_steps`` steps) and trained exactly as ``config`` says — every key but :data:`SCORING_KEYS`,
+    and, for a run elsewhere, :data:`PLACE_KEYS`."""
+    run_dir = Path(run_dir or config.output)
     try:
-        report = json.loads(path.read_text()) if path.is_file() else None
+        report = json.loads((run_dir / "report.json").read_text())
     except (OSError, ValueError):
+        return f"{run_dir} holds no readable report.json"
+    if not isinstance(report, dict) or "time_split" not in report:
+        return f"{run_dir}/report.json is not a finished run's (no time_split)"
+    if report.get("steps") != config.optim.max_steps:
+        return f"it trained {report.get('steps')} steps, not {config.optim.max_steps}"
+    skip = set(SCORING_KEYS) | (set() if run_dir == Path(config.output) else set(PLACE_KEYS))
+    recorded = {k: v for k, v in report.get("config", {}).items() if k not in skip}
+    new = {k: v for k, v in json.loads(json.dumps(to_dict(config))).items() if k not in skip}
+    default = json.loads(json.dumps(to_dict(type(config)())))
+    differing = sorted(k for k in set(recorded) | set(new) if not _same({k: recorded[k]} if k in recorded else {},
+                                                                         {k: new[k]} if k in new else {}, default))
+    return f"it trained with other {', '.join(differing)}" if differing else ""
+
+
+def finished_run(config: TrainConfig, run_dir: Path | None = None) -> dict | None:
+    """The report of the run at ``run_dir`` (default: ``config``'s output directory) when it can stand for
+    a run of ``config`` (:func:`reuse_refusal`); else None."""
+    if reuse_refusal(config, run_dir):
         return None
-    if not report or "time_split" not in report or report.get("steps") != config.optim.max_steps:
-        return None
-    def trained(c: dict) -> dict:
-        return {k: v for k, v in json.loads(json.dumps(c)).items() if k not in SCORING_KEYS}
-    if not _same(trained(report.get("config", {})), trained(to_dict(config)), trained(to_dict(type(config)()))):
-        return None
-    return report
+    return json.loads((Path(run_dir or config.output) / "report.json").read_text())
 
 
 def _finished_at(config: TrainConfig) -> str:

@@ -4,6 +4,9 @@ import json
 
 import pytest
 
+from blip2.config import load_config, to_dict
+from blip2.training.config import Stage1Config
+from pipelines.common import CONFIG_DIR
 from tests.benchmarks import load_script
 
 
@@ -17,27 +20,45 @@ def test_the_first_seed_must_go_on_to_round_2(capsys):
     assert exit_info.value.code == 2 and "must include the first seed (1)" in capsys.readouterr().err
 
 
+def _finished(run, config, **changes) -> None:
+    """A finished run's report at ``run``: ``config`` as it would be recorded, with ``changes``."""
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "report.json").write_text(json.dumps({"steps": config.optim.max_steps, "time_split": {}, "headline": {},
+                                                 "config": {**json.loads(json.dumps(to_dict(config))), **changes}}))
+
+
+def _round_config(seed, round_, world, storage, train_data=()):
+    name = f"capfilt-boot-r{round_}" + (f"-seed{seed}" if seed else "")
+    overrides = [f"seed={seed}", f"toyworld={world}", f"storage_path={storage}", f"name={name}"]
+    if train_data:
+        overrides.append("train_data=[" + ",".join(train_data) + "]")
+    return load_config(Stage1Config, CONFIG_DIR / "stage1_toy.yaml", overrides)
+
+
 def test_a_reused_round_must_be_that_round_of_this_run(tmp_path):
-    """--round1 / --round2 take finished runs only when seed, steps and training data are the round's."""
+    """--round1 / --round2 take finished runs only when they trained as the round's config says (paths aside)."""
     module = load()
     world, storage = tmp_path / "world", tmp_path / "storage"
     trained = tmp_path / "stage1-toy-seed1"
-    trained.mkdir()
-    (trained / "report.json").write_text(json.dumps({"steps": 800, "headline": {},
-                                                     "config": {"seed": 1, "train_data": []}}))
-    with pytest.raises(SystemExit, match="is not round 1 of this run: it has .*'seed': 1.* wants .*'seed': 0"):
+    _finished(trained, _round_config(1, 1, world, storage), name="stage1-toy-seed1", storage_path=str(tmp_path))
+    with pytest.raises(SystemExit, match="is not round 1 of this run .*seed 0.*: it trained with other seed$"):
         module.one_round(0, 1, world, storage, [], [], trained)
     kept = [str(world / "webdataset" / "clean"), str(storage / "capfilt-boot-r1-web-itm" / "kept")]
-    with pytest.raises(SystemExit, match="is not round 2 of this run"):  # trained on clean alone, not + kept
+    with pytest.raises(SystemExit, match="is not round 2 of this run.*other train_data$"):  # clean alone
         module.one_round(1, 2, world, storage, kept, [], trained)
+    (trained / "report.json").write_text("{truncated")
+    with pytest.raises(SystemExit, match="holds no readable report.json"):
+        module.one_round(1, 1, world, storage, [], [], trained)
 
 
 def test_reuse_takes_only_a_finished_run_of_the_same_round(tmp_path):
     module = load()
-    run = tmp_path / "capfilt-boot-r1-seed1"
-    assert module._trained_as(run) is None  # nothing there: the round trains
-    run.mkdir()
-    (run / "report.json").write_text("{truncated")
-    assert module._trained_as(run) is None
-    (run / "report.json").write_text(json.dumps({"steps": 800, "config": {"seed": 1, "train_data": ["a", "b"]}}))
-    assert module._trained_as(run) == {"seed": 1, "steps": 800, "train_data": ["a", "b"]}
+    world, storage = tmp_path / "world", tmp_path / "storage"
+    config = _round_config(1, 1, world, storage)
+    assert module.reuse_refusal(config)  # nothing there: the round trains
+    _finished(config.output, config, loss={**json.loads(json.dumps(to_dict(config.loss))), "itm_weight": 2.0})
+    assert module.reuse_refusal(config) == "it trained with other loss"
+    _finished(config.output, config, rerank_itc_scale=1.0)  # only how it is scored differs
+    assert module.reuse_refusal(config) == ""
+    (config.output / "report.json").write_text(json.dumps({"steps": 800, "config": {}}))  # no goodput split
+    assert "not a finished run's" in module.reuse_refusal(config)
