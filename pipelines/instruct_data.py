@@ -107,7 +107,7 @@ def evaluate_held_out(config: InstructConfig, model_dir: Path) -> dict:
             task=HELD_OUT_TASKS_BY_FORMAT[source.format], model=str(model_dir), annotations=source.annotations,
             questions=source.questions, images=source.images, out=str(config.output / "eval" / source.name),
             prompt=eval_prompt(source.task_type), generation=source.generation, limit=source.limit,
-            num_actors=scaling.num_workers, gpus_per_actor=scaling.gpus_per_worker if scaling.use_gpu else 0.0))
+            num_actors=config.eval_actors, gpus_per_actor=scaling.gpus_per_worker if scaling.use_gpu else 0.0))
         results[source.name] = {"format": source.format, "task": source.task_type, **report["metrics"],
                                 "seconds": report["seconds"]}
     return results

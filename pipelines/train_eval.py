@@ -28,8 +28,8 @@ def evaluate_training_output(config: TrainConfig, model_dir: Path, qformer_token
     """Score the exported ``model_dir`` on every set of ``config.eval``; ``{set name: metrics}``. A toy
     split's standard copy is written with the toy world only when a set names one. Retrieval re-ranks
     with stage 1's ``rerank_k`` / ``rerank_itc_scale``; toy questions are held in or out by ``tasks``.
-    ``num_actors``: the evaluation's actor pool; None: one per training worker; 0: in this process, no
-    Ray (``blip2 reproduce``'s in-process trials)."""
+    ``num_actors``: the evaluation's actor pool; None: the config's (``eval_num_actors``); 0: in this
+    process, no Ray (``blip2 reproduce``'s in-process trials)."""
     from pipelines.toyworld import ToyWorldJobConfig, ensure_toyworld
 
     settings: dict = {}  # what the run itself decides: how stage 1 re-ranks, which families were never tuned on
@@ -44,13 +44,14 @@ def evaluate_training_output(config: TrainConfig, model_dir: Path, qformer_token
             ensure_toyworld(ToyWorldJobConfig(out=config.toyworld, world=config.world))
         retrieval = TASK_KINDS[eval_set.task] == "retrieval"
         scaling = config.scaling
+        actors = config.eval_actors if num_actors is None else num_actors
         report = run(EvaluateConfig(
             task=eval_set.task, model=str(model_dir), annotations=eval_set.annotations, questions=eval_set.questions,
             images=eval_set.images, toyworld=config.toyworld if eval_set.split else "", split=eval_set.split or "test",
             out=str(config.output / "eval" / eval_set.name.replace("/", "-")), prompt=eval_set.prompt,
             generation=eval_set.generation, limit=eval_set.limit, **settings,
             tokenizer=qformer_tokenizer if retrieval else "", image_processor=vision if retrieval else "",
-            num_actors=scaling.num_workers if num_actors is None else num_actors,
+            num_actors=actors,
             gpus_per_actor=scaling.gpus_per_worker if scaling.use_gpu else 0.0))
-        results[eval_set.name] = {**report["metrics"], "seconds": report["seconds"]}
+        results[eval_set.name] = {**report["metrics"], "seconds": report["seconds"], "actors": actors}
     return results

@@ -1,5 +1,6 @@
 """Stage 1 on a real local Ray instance: Ray Train workers, Ray Data input, checkpoints, resume."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -173,9 +174,11 @@ def test_stage1_trains_checkpoints_and_resumes_then_stage2_and_instruct_chain_on
     parquet = tmp_path / "world" / "parquet" / "clean"
     assert train.main(["stage2", *common, f"stage1={stage1}", "name=s2-t5", "llm=t5", f"train_data={parquet}",
                        "materialize_data=false",  # streamed: a counting pass, then decoded every epoch
-                       "eval=[{task: coco_captions, split: test, limit: 4}]"]) == 0
-    for name in ("s2-opt", "s2-t5"):
+                       "eval=[{task: coco_captions, split: test, limit: 4}]",
+                       "eval_num_actors=1"]) == 0  # scored on a Ray Data actor pool, as on GPUs
+    for name, actors in (("s2-opt", 0), ("s2-t5", 1)):  # on CPU the default scores in the driver
         report = json.loads((runs / name / "report.json").read_text())
+        assert report["benchmarks"]["coco_captions/test"]["actors"] == actors
         assert report["steps"] == 2 and 0 <= report["headline"]["caption_accuracy"] <= 1
         assert report["eval"]["num_images"] == 4 and 0 <= report["eval"]["cider_d"]
         assert (report["time_split"]["seconds"]["materialize"] > 0) == (name == "s2-opt")
@@ -247,3 +250,14 @@ def test_relative_paths_reach_the_workers_absolute(tmp_path, monkeypatch):
     config = train.absolute_paths(Stage2Config(stage1="runs/train/stage1-toy", storage_path="runs/train", llm="t5"))
     assert config.stage1 == str(tmp_path / "runs/train/stage1-toy") and config.storage_path == str(tmp_path / "runs/train")
     assert config.llm == "t5" and config.backbones == ""  # names and empty paths stay as they are
+
+
+def test_eval_num_actors_defaults_to_the_driver_on_cpu_and_one_actor_per_worker_on_gpus():
+    from blip2.config import ConfigError, load_config
+    from blip2.training.config import Stage1Config, Stage2Config
+
+    assert Stage2Config().eval_actors == 0
+    assert Stage2Config(scaling=dataclasses.replace(Stage2Config().scaling, use_gpu=True, num_workers=4)).eval_actors == 4
+    assert load_config(Stage1Config, None, ["eval_num_actors=3"]).eval_actors == 3
+    with pytest.raises((ConfigError, ValueError), match="eval_num_actors must be >= 0"):
+        load_config(Stage1Config, None, ["eval_num_actors=-1"])
