@@ -84,6 +84,17 @@ def _capfilt(world: Path, model: Path, score: str, threshold: float, out: Path, 
             "kept_captions": report.get("kept_captions"), "synthetic_captions": captions, "output": str(out)}
 
 
+def round_config(seed: int, round_: int, world: Path, storage: Path, train_data: list[str] = (),
+                 extra: list[str] = ()) -> tuple[Stage1Config, list[str]]:
+    """Round ``round_``'s stage-1 config for ``seed`` (``stage1_toy.yaml`` with the round's name, seed,
+    paths and training data, then ``extra``), and the overrides that made it."""
+    name = f"capfilt-boot-r{round_}" + (f"-seed{seed}" if seed else "")
+    overrides = [f"seed={seed}", f"toyworld={world}", f"storage_path={storage}", f"name={name}", *extra]
+    if train_data:
+        overrides.append("train_data=[" + ",".join(train_data) + "]")
+    return load_config(Stage1Config, CONFIG_DIR / "stage1_toy.yaml", overrides), overrides
+
+
 def one_round(seed: int, round_: int, world: Path, storage: Path, train_data: list[str], extra: list[str],
               trained: Path | None = None, reuse: bool = False) -> dict:
     """Train round ``round_``'s filter (or take ``trained``, a run of the same config and seed), choose its
@@ -91,11 +102,8 @@ def one_round(seed: int, round_: int, world: Path, storage: Path, train_data: li
     already under ``storage`` is taken instead of trained again. Either must have trained exactly as the
     round's config says (``benchmarks/toy_runs.py``'s :func:`reuse_refusal`: seed, steps, training data and
     every other training setting)."""
-    name = f"capfilt-boot-r{round_}" + (f"-seed{seed}" if seed else "")
-    overrides = [f"seed={seed}", f"toyworld={world}", f"storage_path={storage}", f"name={name}", *extra]
-    if train_data:
-        overrides.append("train_data=[" + ",".join(train_data) + "]")
-    config = load_config(Stage1Config, CONFIG_DIR / "stage1_toy.yaml", overrides)
+    config, overrides = round_config(seed, round_, world, storage, train_data, extra)
+    name = config.name
     if trained is None and reuse and not reuse_refusal(config):
         trained = config.output
     refusal = reuse_refusal(config, trained) if trained else ""

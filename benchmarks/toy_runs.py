@@ -67,7 +67,7 @@ def _numbers(metrics: dict) -> dict:
 
 # Settings that only say how a finished export is scored: a run trained with other values of these is still
 # the shipped config's run (``--reuse`` scores it again with the current ones).
-SCORING_KEYS = ("eval", "rerank_k", "rerank_itc_scale", "itm_eval_images")
+SCORING_KEYS = ("eval", "eval_num_actors", "rerank_k", "rerank_itc_scale", "itm_eval_images")
 
 
 def _same(old, new, default) -> bool:
@@ -90,30 +90,34 @@ def reuse_refusal(config: TrainConfig, run_dir: Path | None = None) -> str:
     ``config``, or "" when it can: it finished (a ``report.json`` with the goodput split and
     ``optim.max_steps`` steps) and trained exactly as ``config`` says — every key but :data:`SCORING_KEYS`,
     and, for a run elsewhere, :data:`PLACE_KEYS`."""
+    return _checked_report(config, run_dir)[1]
+
+
+def finished_run(config: TrainConfig, run_dir: Path | None = None) -> dict | None:
+    """The report of the run at ``run_dir`` (default: ``config``'s output directory) when it can stand for
+    a run of ``config`` (:func:`reuse_refusal`); else None."""
+    report, refusal = _checked_report(config, run_dir)
+    return None if refusal else report
+
+
+def _checked_report(config: TrainConfig, run_dir: Path | None) -> tuple[dict | None, str]:
+    """The run's report, read once, and :func:`reuse_refusal`'s reason ("" when it can stand)."""
     run_dir = Path(run_dir or config.output)
     try:
         report = json.loads((run_dir / "report.json").read_text())
     except (OSError, ValueError):
-        return f"{run_dir} holds no readable report.json"
+        return None, f"{run_dir} holds no readable report.json"
     if not isinstance(report, dict) or "time_split" not in report:
-        return f"{run_dir}/report.json is not a finished run's (no time_split)"
+        return None, f"{run_dir}/report.json is not a finished run's (no time_split)"
     if report.get("steps") != config.optim.max_steps:
-        return f"it trained {report.get('steps')} steps, not {config.optim.max_steps}"
+        return report, f"it trained {report.get('steps')} steps, not {config.optim.max_steps}"
     skip = set(SCORING_KEYS) | (set() if run_dir == Path(config.output) else set(PLACE_KEYS))
     recorded = {k: v for k, v in report.get("config", {}).items() if k not in skip}
     new = {k: v for k, v in json.loads(json.dumps(to_dict(config))).items() if k not in skip}
     default = json.loads(json.dumps(to_dict(type(config)())))
     differing = sorted(k for k in set(recorded) | set(new) if not _same({k: recorded[k]} if k in recorded else {},
                                                                          {k: new[k]} if k in new else {}, default))
-    return f"it trained with other {', '.join(differing)}" if differing else ""
-
-
-def finished_run(config: TrainConfig, run_dir: Path | None = None) -> dict | None:
-    """The report of the run at ``run_dir`` (default: ``config``'s output directory) when it can stand for
-    a run of ``config`` (:func:`reuse_refusal`); else None."""
-    if reuse_refusal(config, run_dir):
-        return None
-    return json.loads((Path(run_dir or config.output) / "report.json").read_text())
+    return report, f"it trained with other {', '.join(differing)}" if differing else ""
 
 
 def _finished_at(config: TrainConfig) -> str:

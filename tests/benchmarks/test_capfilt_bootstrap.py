@@ -4,9 +4,7 @@ import json
 
 import pytest
 
-from blip2.config import load_config, to_dict
-from blip2.training.config import Stage1Config
-from pipelines.common import CONFIG_DIR
+from blip2.config import to_dict
 from tests.benchmarks import load_script
 
 
@@ -28,11 +26,7 @@ def _finished(run, config, **changes) -> None:
 
 
 def _round_config(seed, round_, world, storage, train_data=()):
-    name = f"capfilt-boot-r{round_}" + (f"-seed{seed}" if seed else "")
-    overrides = [f"seed={seed}", f"toyworld={world}", f"storage_path={storage}", f"name={name}"]
-    if train_data:
-        overrides.append("train_data=[" + ",".join(train_data) + "]")
-    return load_config(Stage1Config, CONFIG_DIR / "stage1_toy.yaml", overrides)
+    return load().round_config(seed, round_, world, storage, list(train_data))[0]
 
 
 def test_a_reused_round_must_be_that_round_of_this_run(tmp_path):
