@@ -38,15 +38,14 @@ ITM = ("itm_pairwise_random", "itm_pairwise_one_attribute", "itm_balanced_random
 
 
 def base_config(base: str, overrides: list[str]):
-    from blip2.config import apply_overrides, from_dict, load_config, to_dict
+    from blip2.config import load_config
     from blip2.training.config import Stage1Config
     from pipelines.common import CONFIG_DIR
-    from pipelines.demo import DemoConfig
+    from pipelines.demo import demo_stage1
 
     if base == "toy":
         return load_config(Stage1Config, CONFIG_DIR / "stage1_toy.yaml", overrides)
-    section = to_dict(load_config(DemoConfig, CONFIG_DIR / "demo.yaml").stage1)
-    return from_dict(Stage1Config, apply_overrides(section, overrides))
+    return demo_stage1(overrides)
 
 
 def cached_batches(config) -> list[dict]:

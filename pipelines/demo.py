@@ -41,12 +41,12 @@ from pathlib import Path
 from typing import Any
 
 from blip2.capfilt.config import CapFiltConfig
-from blip2.config import from_dict, to_dict
+from blip2.config import apply_overrides, from_dict, load_config, to_dict
 from blip2.reporting import plot_workflow
 from blip2.toyworld.corpus import SPLITS, ToyWorldConfig
 from blip2.toyworld.text import INSTRUCTION_TASKS
 from blip2.training.config import InstructConfig, Stage1Config, Stage2Config, TrainConfig
-from pipelines.common import init_ray, job_parser, log, parse_config, serve_environment
+from pipelines.common import CONFIG_DIR, init_ray, job_parser, log, parse_config, serve_environment
 from pipelines.demo_record import run_record
 from pipelines.demo_requests import ask_endpoint
 from pipelines.serve import ServeConfig
@@ -88,6 +88,14 @@ class DemoConfig:
                              "used for the final evaluation (val)")
         if self.requests < 0:
             raise ValueError("requests must be >= 0")
+
+
+def demo_stage1(overrides: Sequence[str] = ()) -> Stage1Config:
+    """The shipped demo's stage-1 recipe (``demo.yaml``'s ``stage1`` section over the defaults) with
+    ``overrides`` (keys within the section): what ``benchmarks/stage1_sweep.py`` varies and the fast
+    quality tests train."""
+    section = to_dict(load_config(DemoConfig, CONFIG_DIR / "demo.yaml").stage1)
+    return from_dict(Stage1Config, apply_overrides(section, list(overrides)))
 
 
 def _plain(value: Any) -> Any:

@@ -38,13 +38,13 @@ def evaluate_training_output(config: TrainConfig, model_dir: Path, qformer_token
                     "itm_images": config.itm_eval_images}
     elif isinstance(config, InstructConfig):
         settings = {"held_out": config.tasks.held_out()}
+    actors = config.eval_actors if num_actors is None else num_actors
     results = {}
     for eval_set in config.eval:
         if eval_set.split:
             ensure_toyworld(ToyWorldJobConfig(out=config.toyworld, world=config.world))
         retrieval = TASK_KINDS[eval_set.task] == "retrieval"
         scaling = config.scaling
-        actors = config.eval_actors if num_actors is None else num_actors
         report = run(EvaluateConfig(
             task=eval_set.task, model=str(model_dir), annotations=eval_set.annotations, questions=eval_set.questions,
             images=eval_set.images, toyworld=config.toyworld if eval_set.split else "", split=eval_set.split or "test",

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from blip2.config import apply_overrides, from_dict, load_config, to_dict
+from blip2.config import load_config
 from blip2.backbones.build import ToyBackbones, find_backbones
 from blip2.matching import evaluate_matching, matching_pairs, one_attribute_wrong, pair_probabilities
 from blip2.toyworld.corpus import generate_split
@@ -48,19 +48,13 @@ FAST_OVERRIDES = ["itm_diagnostics=false"]
 FAST_EVAL_IMAGES = 100  # the shipped stage-1 config's evaluation sets: 100 images, 600 captions
 
 
-def fast_stage1_config(overrides: list[str]) -> Stage1Config:
-    """The demo's stage-1 section with ``overrides``."""
-    from pipelines.demo import DemoConfig
-
-    section = to_dict(load_config(DemoConfig, CONFIG_DIR / "demo.yaml").stage1)
-    return from_dict(Stage1Config, apply_overrides(section, overrides))
-
-
 def train_fast_stage1(overrides: list[str]):
     """Stage 1 trained in-process from cached image features (2 threads): the task, model and history."""
+    from pipelines.demo import demo_stage1
+
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
-    config = fast_stage1_config(overrides)
+    config = demo_stage1(overrides)
     task = Stage1Task(config)
     records = generate_split(config.world, config.train_split)
     encoder = FrozenImageEncoder(task.backbones.vision)
