@@ -9,8 +9,11 @@ The claims, their arms (a stage's toy config with overrides) and the verdict rul
 nodes (``in_process=true``: one after the other in this process) that trains in-process
 (``blip2/training/trials.py``), exports the model and scores it on the toy world's ``test`` and ``novel``
 splits with ``blip2 evaluate``'s code, in the same process (``num_actors=0``). A stage-2 trial starts from
-the stage-1 recipe's trial of its seed, an instruction-tuning trial from the stage-2 recipe's; stages run
-in that order. A finished trial is written to ``<out>/trials/<key>.json`` at once and never run again:
+the stage-1 recipe's trial of its seed, an instruction-tuning trial from the stage-2 recipe's. An arm that
+trains on ``capfilt:<decoding>`` data (C1, C6) adds a CapFilt trial per seed and decoding: the web split
+captioned by the seed's stage-2 recipe trial and filtered by its stage-1 recipe trial, threshold chosen on
+``val`` (``captioner`` and ``filter`` below set the rest). A trial starts once the trials it needs have
+finished. A finished trial is written to ``<out>/trials/<key>.json`` at once and never run again:
 its key is the stage, the seed and a hash of its whole training config (with its upstream trial's key),
 so an interrupted run resumes where it stopped and arms that claims share run once (a trial whose
 evaluation sets grew, because a claim was added, runs again). At the end
@@ -33,16 +36,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blip2.capfilt.config import CaptionerConfig, FilterConfig
 from blip2.claims import CLAIMS, SPLITS, VERDICT_RULE, render_markdown, summarise
 from blip2.config import ConfigError, from_dict, load_config, to_dict
 from blip2.toyworld.corpus import ToyWorldConfig
 from blip2.training.config import EvalSet
 from blip2.training.tasks import MODEL_DIR, TASKS
+from blip2.training.trials import capfilt_decoding
 from pipelines.common import CONFIG_DIR, init_ray, job_parser, log, parse_config, quiet_progress_bars
 from pipelines.toyworld import ToyWorldJobConfig, ensure_toyworld
 
 STAGE_YAML = {"stage1": "stage1_toy.yaml", "stage2": "stage2_toy.yaml", "instruct": "instruct_toy.yaml"}
-STAGE_ORDER = ("stage1", "stage2", "instruct")
+CAPFILT = "capfilt"  # a CapFilt trial's stage: no training, its kept web captions (kept.json)
+KEPT_FILE = "kept.json"
 UPSTREAM = {"stage2": ("stage1", "stage1"), "instruct": ("stage2", "stage2")}  # stage -> (its stage before, field)
 QUICK = ("out=runs/reproduce-quick", "claims_dir=", "seeds=[0,1]", "claims=[C2,C3]", "in_process=true",
          "world.web_size=0", "world.clean_size=128", "world.val_size=8", "world.test_size=24", "world.novel_size=24",
@@ -67,6 +73,11 @@ class ReproduceConfig:
     in_process: bool = False  # run the trials one by one in this process instead of as Ray tasks
     cpus_per_trial: float = 1.0  # Ray resources of one trial
     threads_per_trial: int = 1  # torch intra-op threads of one trial
+    # A CapFilt trial's captioner and filter (the demo's settings); their sources, the filter's threshold
+    # (chosen on val), the captioner's seed and decoding are the trial's own.
+    captioner: CaptionerConfig = field(default_factory=lambda: CaptionerConfig(num_captions=2, max_new_tokens=16,
+                                                                               batch_size=32))
+    filter: FilterConfig = field(default_factory=lambda: FilterConfig(batch_size=64))
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.claims if c not in CLAIMS]
@@ -89,11 +100,33 @@ def _stage_config(config: ReproduceConfig, stage: str, overrides: Sequence[str],
     return dataclasses.replace(loaded, **changes)
 
 
-def _add_trial(specs: dict, config: ReproduceConfig, stage: str, overrides: Sequence[str], seed: int) -> str:
+def _key(stage: str, seed: int, hashed) -> str:
+    return f"{stage}-seed{seed}-{hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
+def _add_trial(specs: dict, config: ReproduceConfig, stage: str, overrides: Sequence[str], seed: int,
+               data: Sequence[str] = ()) -> str:
+    """The trial's key, after adding it and every trial it starts from or trains on to ``specs``."""
     upstream = _add_trial(specs, config, UPSTREAM[stage][0], (), seed) if stage in UPSTREAM else ""
+    capfilt = {d: _add_capfilt(specs, config, d, seed) for d in map(capfilt_decoding, data) if d}
     base = to_dict(_stage_config(config, stage, overrides, seed, upstream))
-    key = f"{stage}-seed{seed}-{hashlib.sha256(json.dumps(base, sort_keys=True).encode()).hexdigest()[:12]}"
-    specs.setdefault(key, {"key": key, "stage": stage, "seed": seed, "upstream": upstream, "base": base, "eval": set()})
+    key = _key(stage, seed, {**base, "data": list(data), "capfilt": capfilt} if data else base)
+    specs.setdefault(key, {"key": key, "stage": stage, "seed": seed, "upstream": upstream, "base": base, "eval": set(),
+                           "data": list(data), "capfilt": capfilt,
+                           "after": [k for k in (upstream, *capfilt.values()) if k]})
+    return key
+
+
+def _add_capfilt(specs: dict, config: ReproduceConfig, decoding: str, seed: int) -> str:
+    """A CapFilt trial of the seed's recipes: the stage-2 trial captions, the stage-1 trial filters."""
+    captioner_key = _add_trial(specs, config, "stage2", (), seed)
+    filter_key = specs[captioner_key]["upstream"]
+    base = {"captioner": to_dict(dataclasses.replace(config.captioner, decoding=decoding, source="", seed=seed)),
+            "filter": to_dict(dataclasses.replace(config.filter, source="")), "world": to_dict(config.world),
+            "seed": seed, "captioner_trial": captioner_key, "filter_trial": filter_key}
+    key = _key(f"{CAPFILT}-{decoding}", seed, base)
+    specs.setdefault(key, {"key": key, "stage": CAPFILT, "seed": seed, "upstream": captioner_key, "base": base,
+                           "eval": set(), "data": [], "capfilt": {}, "after": [captioner_key, filter_key]})
     return key
 
 
@@ -109,14 +142,21 @@ def trial_specs(config: ReproduceConfig) -> tuple[dict[str, dict], list[dict]]:
         limit = min(claim.limit or config.eval_limit, config.eval_limit or claim.limit)
         for arm in claim.arms:
             for seed in config.seeds:
-                key = _add_trial(specs, config, arm.stage, arm.overrides, seed)
+                key = _add_trial(specs, config, arm.stage, arm.overrides, seed, arm.data)
                 specs[key]["eval"].add((claim.task, limit, claim.prompt))
                 uses.append({"claim": claim_id, "arm": arm.name, "seed": seed, "key": key})
     return specs, uses
 
 
 def resolved_config(spec: dict, out: Path, threads: int) -> dict:
-    """A trial's whole config: its training config with where it runs and what it is scored on."""
+    """A trial's whole config: its training config with where it runs and what it is scored on (a
+    CapFilt trial: its captioner and filter with their sources, and where it writes)."""
+    trials = out / "trials"
+    if spec["stage"] == CAPFILT:
+        base = spec["base"]
+        return {**base, "captioner": {**base["captioner"], "source": str(trials / base["captioner_trial"] / MODEL_DIR)},
+                "filter": {**base["filter"], "source": str(trials / base["filter_trial"] / MODEL_DIR)},
+                "output": str(trials / spec["key"])}
     config_cls = TASKS[spec["stage"]][0]
     trial = from_dict(config_cls, spec["base"])
     changes = {"name": spec["key"], "storage_path": str(out / "trials"), "toyworld": str(out / "toyworld"),
@@ -128,9 +168,45 @@ def resolved_config(spec: dict, out: Path, threads: int) -> dict:
     return to_dict(dataclasses.replace(trial, **changes))
 
 
-def run_trial(stage: str, resolved: dict, threads: int) -> dict:
-    """One trial wherever it runs (a Ray worker or this process): train, export, score every eval set
+def _where() -> str:
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    return "local"
+
+
+def run_capfilt_trial(resolved: dict, threads: int) -> dict:
+    """A CapFilt trial wherever it runs: :func:`blip2.training.trials.run_capfilt` over the web split,
+    its kept captions to ``<output>/kept.json``. Returns its report, seconds and where it ran."""
+    import torch
+
+    from blip2.training.trials import run_capfilt
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        start = time.perf_counter()
+        result = run_capfilt(from_dict(ToyWorldConfig, resolved["world"]),
+                             from_dict(CaptionerConfig, resolved["captioner"]), from_dict(FilterConfig, resolved["filter"]),
+                             resolved["seed"], log=lambda line: log(f"[{Path(resolved['output']).name}] {line}"))
+    finally:
+        torch.set_num_threads(previous)
+    output = Path(resolved["output"])
+    output.mkdir(parents=True, exist_ok=True)
+    (output / KEPT_FILE).write_text(json.dumps(result["kept"]) + "\n")
+    return {"benchmarks": {}, "capfilt": result["report"], "seconds": time.perf_counter() - start,
+            "node": _where(), "pid": os.getpid()}
+
+
+def run_trial(stage: str, resolved: dict, threads: int, data: Sequence[str] = (),
+              kept: dict[str, str] | None = None) -> dict:
+    """One trial wherever it runs (a Ray worker or this process): train on ``data`` (default: the config's
+    ``train_split``; ``kept``: the CapFilt trials' kept.json by decoding), export, score every eval set
     with blip2 evaluate's code in this process. Returns its figures, seconds and where it ran."""
+    if stage == CAPFILT:
+        return run_capfilt_trial(resolved, threads)
     import torch
 
     from blip2.training.trials import train_trial
@@ -148,7 +224,8 @@ def run_trial(stage: str, resolved: dict, threads: int) -> dict:
             if step % config.log_every == 0:
                 log(f"[{config.name}] step {step}/{config.optim.max_steps} loss {losses['loss']:.3f}")
 
-        model, history = train_trial(task, threads, on_step)
+        captions = {decoding: json.loads(Path(path).read_text()) for decoding, path in (kept or {}).items()}
+        model, history = train_trial(task, threads, on_step, data, captions)
         task.export(model, config.output / MODEL_DIR)
         # what blip2 evaluate and the next stage's task read beside model/: the run's config
         (config.output / "report.json").write_text(json.dumps({"stage": stage, "config": to_dict(config)}) + "\n")
@@ -157,14 +234,25 @@ def run_trial(stage: str, resolved: dict, threads: int) -> dict:
                                               str(task.backbones.vision), num_actors=0)
     finally:
         torch.set_num_threads(previous)
-    node = "local"
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            node = ray.get_runtime_context().get_node_id()
     return {"benchmarks": benchmarks, "final_losses": history[-1], "seconds": time.perf_counter() - start,
-            "train_seconds": trained - start, "node": node, "pid": os.getpid()}
+            "train_seconds": trained - start, "node": _where(), "pid": os.getpid()}
+
+
+def _inputs(spec: dict, out: Path) -> tuple[list[str], dict[str, str]]:
+    """A trial's training sources and where its CapFilt trials' kept captions are."""
+    return spec["data"], {decoding: str(out / "trials" / key / KEPT_FILE) for decoding, key in spec["capfilt"].items()}
+
+
+def _levels(specs: dict[str, dict]) -> dict[str, int]:
+    """Each trial's depth: 0 for a trial that needs none, else one more than the deepest it needs."""
+    depth: dict[str, int] = {}
+
+    def level(key: str) -> int:
+        if key not in depth:
+            depth[key] = 1 + max((level(k) for k in specs[key]["after"]), default=-1)
+        return depth[key]
+
+    return {key: level(key) for key in specs}
 
 
 def _finished(trials_dir: Path, spec: dict, resolved: dict) -> bool:
@@ -185,20 +273,22 @@ def _run_all(specs: dict[str, dict], config: ReproduceConfig, out: Path) -> int:
         return 0
     ensure_toyworld(ToyWorldJobConfig(out=str(out / "toyworld"), world=config.world))  # once, before any trial
     done = 0
+    levels = _levels(specs)
     if config.in_process:
-        for spec in sorted(todo, key=lambda s: STAGE_ORDER.index(s["stage"])):
+        for spec in sorted(todo, key=lambda s: levels[s["key"]]):
             log(f"reproduce: trial {spec['key']} ({spec['stage']}, seed {spec['seed']}) starts")
             done += 1
             _write(trials_dir, spec, resolved[spec["key"]],
-                   run_trial(spec["stage"], resolved[spec["key"]], config.threads_per_trial), done, len(todo))
+                   run_trial(spec["stage"], resolved[spec["key"]], config.threads_per_trial, *_inputs(spec, out)),
+                   done, len(todo))
         return len(todo)
     import ray
 
     init_ray()  # RAY_ADDRESS (ray job submit) selects a cluster; otherwise a fresh local instance
     remote = ray.remote(num_cpus=config.cpus_per_trial, scheduling_strategy="SPREAD", max_retries=1)(run_trial)  # Ray
-    for stage in STAGE_ORDER:  # a stage's trials start once the stage before has finished
-        pending = {remote.remote(s["stage"], resolved[s["key"]], config.threads_per_trial): s
-                   for s in todo if s["stage"] == stage}
+    for level in sorted({levels[s["key"]] for s in todo}):  # a trial starts once the trials it needs have finished
+        pending = {remote.remote(s["stage"], resolved[s["key"]], config.threads_per_trial, *_inputs(s, out)): s
+                   for s in todo if levels[s["key"]] == level}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)  # Ray
             spec = pending.pop(ready[0])
@@ -209,7 +299,7 @@ def _run_all(specs: dict[str, dict], config: ReproduceConfig, out: Path) -> int:
 
 def _write(trials_dir: Path, spec: dict, resolved: dict, result: dict, done: int, total: int) -> None:
     record = {"key": spec["key"], "stage": spec["stage"], "seed": spec["seed"], "upstream": spec["upstream"],
-              "config": resolved, **result}
+              "after": spec["after"], "data": spec["data"], "config": resolved, **result}
     trials_dir.mkdir(parents=True, exist_ok=True)
     path = trials_dir / f"{spec['key']}.json"
     partial = path.with_suffix(".json.partial")
@@ -224,8 +314,8 @@ def report(config: ReproduceConfig, specs: dict, uses: list[dict], out: Path, co
     """``claims.json``: the run, and per claim its arms, every trial's values, the summary and verdict."""
     records = {key: json.loads((out / "trials" / f"{key}.json").read_text()) for key in specs}
 
-    def chain_seconds(key: str) -> float:  # a trial and the trials it started from
-        return records[key]["seconds"] + (chain_seconds(specs[key]["upstream"]) if specs[key]["upstream"] else 0.0)
+    def chain(key: str) -> set[str]:  # a trial and every trial it started from or trained on
+        return {key}.union(*(chain(k) for k in specs[key]["after"]))
 
     claims = {}
     for claim_id in config.claims or tuple(CLAIMS):
@@ -236,10 +326,13 @@ def report(config: ReproduceConfig, specs: dict, uses: list[dict], out: Path, co
             benchmarks, metric = records[use["key"]]["benchmarks"], claim.metric_of(arms[use["arm"]])
             trials.append({**use, "values": {s: benchmarks[f"{claim.task}/{s}"].get(metric) for s in SPLITS},
                            "seconds": records[use["key"]]["seconds"], "node": records[use["key"]]["node"]})
-        keys = {t["key"] for t in trials}
+        keys = set().union(*(chain(t["key"]) for t in trials))
+        capfilt = [{"key": k, "seed": specs[k]["seed"], "report": records[k]["capfilt"]}
+                   for k in sorted(keys) if specs[k]["stage"] == CAPFILT]
         claims[claim_id] = {"claim": dataclasses.asdict(claim), "runnable": not claim.needs,
                             "summary": summarise(claim, trials, config.min_seeds), "trials": trials,
-                            "seconds": sum(chain_seconds(k) for k in keys)}
+                            "seconds": sum(records[k]["seconds"] for k in keys),
+                            **({"capfilt": capfilt} if capfilt else {})}
     return {"command": command, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "wall_seconds": wall, "seeds": list(config.seeds), "min_seeds": config.min_seeds,
             "verdict_rule": VERDICT_RULE, "trials": sorted(specs), "trials_run": ran, "trials_reused": len(specs) - ran,

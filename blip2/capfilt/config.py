@@ -8,6 +8,7 @@ INPUT_FORMATS = ("webdataset", "parquet", "coco")
 IMAGE_MODES = ("bytes", "reference")
 BAD_CAPTION_POLICIES = ("drop", "reject")
 FILTER_SCORES = ("itm", "itc")
+CAPTION_DECODING = ("nucleus", "beam")  # how the captioner writes its synthetic captions
 
 
 @dataclass(frozen=True)
@@ -84,11 +85,15 @@ class ActorConfig:
 @dataclass(frozen=True)
 class CaptionerConfig:
     """A ``Blip2ForConditionalGeneration``: a transformers directory (``import_pretrained``) or a toy
-    preset name (``toy-opt``, ``toy-t5``). K = ``num_captions`` per image by nucleus sampling."""
+    preset name (``toy-opt``, ``toy-t5``). K = ``num_captions`` per image by nucleus sampling, or with
+    ``decoding: beam`` the K best of a beam search of ``num_beams`` (BLIP's Table 2 compares the two:
+    beam search writes safe, common captions, nucleus sampling more diverse ones)."""
 
     source: str = "toy-opt"
     num_captions: int = 3  # BLIP-2's LAVIS recipe draws 10; fewer is kinder to two CPU cores
+    decoding: str = "nucleus"  # or "beam"
     top_p: float = 0.9  # BLIP's nucleus sampling
+    num_beams: int = 3  # decoding: beam only (BLIP's beam size); at least num_captions
     temperature: float = 1.0
     max_new_tokens: int = 20
     min_new_tokens: int = 3
@@ -102,6 +107,11 @@ class CaptionerConfig:
             raise ValueError("captioner.num_captions must be >= 0 (0: filter the web captions only)")
         if not 0 < self.top_p <= 1:
             raise ValueError("captioner.top_p must be in (0, 1]")
+        if self.decoding not in CAPTION_DECODING:
+            raise ValueError(f"captioner.decoding must be one of {CAPTION_DECODING}, got {self.decoding!r}")
+        if self.decoding == "beam" and self.num_beams < max(self.num_captions, 1):
+            raise ValueError(f"captioner.num_beams ({self.num_beams}) must be >= num_captions ({self.num_captions}) "
+                             "with decoding: beam (the captions are the best beams)")
         if self.batch_size < 1:
             raise ValueError("captioner.batch_size must be >= 1")
 

@@ -94,8 +94,18 @@ def load_captioner(source: str) -> ModelBundle:
     return import_pretrained(source)
 
 
+def caption_params(config: CaptionerConfig) -> GenerationParams:
+    """Decoding for K = ``num_captions`` captions per image: K nucleus samples, or the K best beams."""
+    k = max(config.num_captions, 1)
+    if config.decoding == "beam":
+        return GenerationParams(max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
+                                num_beams=config.num_beams, num_return_sequences=k)
+    return GenerationParams(max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
+                            do_sample=True, top_p=config.top_p, temperature=config.temperature, num_return_sequences=k)
+
+
 class Captioner:
-    """K synthetic captions per image by nucleus sampling. Adds column ``synthetic`` (a list of str per
+    """K synthetic captions per image by nucleus sampling (or beam search: ``decoding``). Adds column ``synthetic`` (a list of str per
     row; empty for rows that are not ok)."""
 
     def __init__(self, config: CaptionerConfig, device: str = "auto") -> None:
@@ -106,9 +116,7 @@ class Captioner:
             raise ValueError(f"captioner {config.source}: an InstructBLIP model; CapFilt captions with BLIP-2")
         self.model = bundle.model.to(self.device).eval()
         self.tokenizer, self.image_processor = bundle.tokenizer, bundle.image_processor
-        self.params = GenerationParams(
-            max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens, do_sample=True,
-            top_p=config.top_p, temperature=config.temperature, num_return_sequences=max(config.num_captions, 1))
+        self.params = caption_params(config)
 
     def caption(self, pixels: np.ndarray, seed: int) -> list[list[str]]:
         """uint8 RGB (B, H, W, 3) -> B lists of K captions (empty strings dropped)."""

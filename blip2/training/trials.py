@@ -1,70 +1,163 @@
 """One trial's training, in this process (``blip2 reproduce``): a stage trained from its config with
-:func:`blip2.training.loop.train_locally` on the toy world's ``train_split``.
+:func:`blip2.training.loop.train_locally` on toy-world records held in memory, and the CapFilt step
+that some stage-1 trials train on.
 
 The trial's seed is the config's ``seed``: it sets the trainable parts' initialisation (``build_model``),
-each epoch's batch order (below) and every draw inside training (caption choice, ITM negatives,
+each epoch's record order (below) and every draw inside training (caption choice, ITM negatives,
 instruction families: ``train_locally`` derives them from it). The frozen backbones are the shipped ones,
 the same in every trial. Stage 1 with ``feature_cache`` trains from the frozen encoder's features,
-computed once per process and toy world (the encoder is frozen and deterministic: the same features it
-would compute each step). Scoring is not here: ``pipelines/reproduce.py`` scores the export with
-``blip2 evaluate``'s code.
+computed once per process, toy world and source (the encoder is frozen and deterministic: the same
+features it would compute each step). Scoring is not here: ``pipelines/reproduce.py`` scores the export
+with ``blip2 evaluate``'s code.
+
+A trial's training data is one or more *sources*: a toy-world split by name (its records with their
+alt-texts; by default the config's ``train_split``), or ``capfilt:<decoding>``: the web split as an
+in-process CapFilt step kept it (:func:`run_capfilt`: each kept image with its kept captions, the web
+alt-text among them when it passed the filter).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from blip2.toyworld.corpus import generate_split
+from blip2.capfilt.calibrate import calibrate
+from blip2.capfilt.config import CaptionerConfig, FilterConfig
+from blip2.capfilt.models import KEPT, CaptionFilter, Captioner, decode_list
+from blip2.capfilt.records import OK
+from blip2.metrics import filter_precision_recall
+from blip2.toyworld.corpus import ToyWorldConfig, generate_split
 from blip2.toyworld.world import decode_image
 from blip2.training.config import TrainConfig
+from blip2.training.data import CAPTIONS_JSON, training_records
 from blip2.training.features import FrozenImageEncoder
 from blip2.training.loop import train_locally
 from blip2.training.tasks import Stage1Task, TrainingTask
 
-_BATCHES: dict[tuple, list[dict]] = {}  # (world, split, batch size, encoder or None) -> record batches
+CAPFILT_SOURCE = "capfilt:"  # + the captioner's decoding (nucleus or beam)
+_ENCODE_BATCH = 256
+_SOURCES: dict[tuple, dict[str, np.ndarray]] = {}  # (world, source, kept captions, encoder or None) -> columns
 
 
-def record_batches(task: TrainingTask) -> list[dict]:
-    """The toy world's ``train_split`` as batches of ``optim.batch_size`` records (decoded images and
-    alt-texts, as Ray Data's WebDataset reader gives them), or of stage 1's cached image features."""
+def capfilt_decoding(source: str) -> str | None:
+    """``"beam"`` for ``capfilt:beam``; None for a split name."""
+    return source.removeprefix(CAPFILT_SOURCE) if source.startswith(CAPFILT_SOURCE) else None
+
+
+def _source_columns(world: ToyWorldConfig, source: str, kept: Mapping[str, Sequence[str]] | None,
+                    encoder_path: str | None) -> dict[str, np.ndarray]:
+    """One source's records as columns: ``jpg`` (uint8 images) or ``image_embeds`` (the frozen encoder's
+    features, with ``encoder_path``), and ``captions_json`` (each record's captions as JSON text)."""
+    kept_key = json.dumps(kept, sort_keys=True) if kept is not None else None
+    key = (world, source, kept_key, encoder_path)
+    if key not in _SOURCES:
+        decoding = capfilt_decoding(source)
+        records = generate_split(world, "web" if decoding else source)  # test / novel raise (selection guard)
+        if decoding:
+            if kept is None:
+                raise ValueError(f"source {source!r} needs the CapFilt step's kept captions")
+            records = [r for r in records if kept.get(r.key)]
+            texts = {CAPTIONS_JSON: np.array([json.dumps(list(kept[r.key])) for r in records], dtype=object)}
+        else:
+            texts = {"txt": np.array([r.alt_text for r in records], dtype=object)}
+        # the Ray path's validation: a record without a usable caption (web junk) or image is skipped
+        columns = training_records({"jpg": np.array([r.image for r in records], dtype=object), **texts})
+        if encoder_path is not None and len(columns[CAPTIONS_JSON]):
+            encoder = FrozenImageEncoder(encoder_path)
+            embeds = [encoder({"image": columns["image"][s : s + _ENCODE_BATCH]})["image_embeds"]
+                      for s in range(0, len(columns["image"]), _ENCODE_BATCH)]
+            columns = {"image_embeds": np.concatenate(embeds), CAPTIONS_JSON: columns[CAPTIONS_JSON]}
+        _SOURCES[key] = columns
+    return _SOURCES[key]
+
+
+def training_columns(task: TrainingTask, sources: Sequence[str] = (),
+                     kept: Mapping[str, Mapping[str, Sequence[str]]] | None = None) -> dict[str, np.ndarray]:
+    """Every training record of the trial, its sources concatenated: ``sources`` (default: the config's
+    ``train_split``), ``kept`` the CapFilt step's kept captions by decoding (``{"nucleus": {key: [...]}}``)."""
     config: TrainConfig = task.config
     if config.train_data:
-        raise ValueError("an in-process trial trains on the toy world's train_split; train_data is not read here")
+        raise ValueError("an in-process trial trains on toy-world sources (a split or capfilt:<decoding>); "
+                         "train_data is not read here")
     features = isinstance(task, Stage1Task) and config.feature_cache
-    key = (config.world, config.train_split, config.optim.batch_size, str(task.backbones.vision) if features else None)
-    if key not in _BATCHES:
-        records = generate_split(config.world, config.train_split)  # test / novel raise (selection guard)
-        size = config.optim.batch_size
-        batches = [{"jpg": np.stack([decode_image(r.image) for r in records[s : s + size]]),
-                    "txt": np.array([r.alt_text for r in records[s : s + size]], dtype=object)}
-                   for s in range(0, len(records) - size + 1, size)]
-        if not batches:
-            raise ValueError(f"{config.train_split}: {len(records)} records, fewer than one batch of "
-                             f"optim.batch_size={size}")
-        if features:
-            encoder = FrozenImageEncoder(task.backbones.vision)
-            batches = [encoder(batch) for batch in batches]
-        _BATCHES[key] = batches
-    return _BATCHES[key]
+    encoder = str(task.backbones.vision) if features else None
+    parts = [_source_columns(config.world, source, (kept or {}).get(capfilt_decoding(source) or ""), encoder)
+             for source in (sources or (config.train_split,))]
+    columns = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    if len(columns[CAPTIONS_JSON]) < config.optim.batch_size:
+        raise ValueError(f"{', '.join(sources or (config.train_split,))}: {len(columns[CAPTIONS_JSON])} records, "
+                         f"fewer than one batch of optim.batch_size={config.optim.batch_size}")
+    return columns
 
 
 def train_trial(task: TrainingTask, threads: int = 1,
-                on_step: Callable[[int, dict[str, float]], None] | None = None) -> tuple[nn.Module, list[dict]]:
-    """Train ``task`` in this process on ``threads`` torch threads; the batch order of each epoch is drawn
-    from the config's seed. Returns the model (in eval mode) and the loss history."""
+                on_step: Callable[[int, dict[str, float]], None] | None = None, sources: Sequence[str] = (),
+                kept: Mapping[str, Mapping[str, Sequence[str]]] | None = None) -> tuple[nn.Module, list[dict]]:
+    """Train ``task`` in this process on ``threads`` torch threads over :func:`training_columns`; each
+    epoch's record order is drawn from the config's seed (the last partial batch is dropped). Returns the
+    model (in eval mode) and the loss history."""
     config = task.config
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        batches = record_batches(task)
+        columns = training_columns(task, sources, kept)
+        size, count = config.optim.batch_size, len(columns[CAPTIONS_JSON])
 
         def epoch_batches(epoch: int) -> list[Mapping]:
-            return [batches[i] for i in np.random.default_rng([config.seed, epoch]).permutation(len(batches))]
+            order = np.random.default_rng([config.seed, epoch]).permutation(count)
+            return [{name: values[order[s : s + size]] for name, values in columns.items()}
+                    for s in range(0, count - size + 1, size)]
 
         return train_locally(task, epoch_batches, on_step=on_step)
     finally:
         torch.set_num_threads(previous)
+
+
+def run_capfilt(world: ToyWorldConfig, captioner: CaptionerConfig, scorer: FilterConfig, seed: int,
+                log: Callable[[str], None] = print) -> dict:
+    """BLIP's CapFilt over the toy world's ``web`` split, in this process: ``captioner`` (a stage-2 export)
+    writes its synthetic captions, ``scorer`` (a stage-1 export) scores them and the web alt-text, with
+    its threshold chosen on ``val`` (never on the web records it filters); each image keeps its best
+    ``top_n`` captions at or above it. ``seed`` sets the captioner's draws and the calibration pairs.
+
+    Returns ``{"kept": {key: [captions]}, "report": {...}}``: counts, the threshold and its calibration,
+    and how well the filter flagged the wrong web alt-texts (the toy world knows which are wrong)."""
+    start = time.perf_counter()
+    filter_ = CaptionFilter(scorer)
+    calibration = calibrate(filter_, generate_split(world, "val"), seed=seed, batch_size=scorer.batch_size)
+    filter_.config = dataclasses.replace(scorer, threshold=calibration["threshold"])
+    caption = Captioner(dataclasses.replace(captioner, seed=seed))
+    records = generate_split(world, "web")
+    kept: dict[str, list[str]] = {}
+    web_kept, flagged, wrong, synthetic_kept = 0, [], [], 0
+    size = captioner.batch_size
+    for s in range(0, len(records), size):
+        chunk = records[s : s + size]
+        batch = {"key": np.array([r.key for r in chunk], dtype=object),
+                 "pixels": np.stack([decode_image(r.image) for r in chunk]),
+                 "web_text": np.array([r.alt_text for r in chunk], dtype=object),
+                 "status": np.array([OK] * len(chunk), dtype=object)}
+        out = filter_(caption(batch))
+        for record, status, captions, sources, web_score in zip(
+                chunk, out["status"], out["captions"], out["caption_sources"], out["web_score"], strict=True):
+            if status == KEPT:
+                kept[record.key] = [str(c) for c in decode_list(captions)]
+                web_kept += "web" in decode_list(sources)
+                synthetic_kept += sum(source != "web" for source in decode_list(sources))
+            flagged.append(bool(web_score < filter_.config.threshold))
+            wrong.append(not record.alt_text_matches)
+        if (s // size) % 20 == 0:
+            log(f"capfilt: {min(s + size, len(records))}/{len(records)} web records")
+    report = {"input": len(records), "kept": len(kept), "filtered": len(records) - len(kept),
+              "kept_captions": sum(len(c) for c in kept.values()), "web_captions_kept": web_kept,
+              "synthetic_captions_kept": synthetic_kept, "decoding": captioner.decoding,
+              "threshold": calibration["threshold"], "calibration": calibration,
+              "web_filter_quality": filter_precision_recall(flagged, wrong),
+              "seconds": round(time.perf_counter() - start, 1)}
+    return {"kept": kept, "report": report}

@@ -9,12 +9,13 @@ import pytest
 
 from tests import badcorpus
 from blip2.capfilt.config import CaptionerConfig, FilterConfig, InputConfig, ValidationConfig
-from blip2.capfilt.models import Captioner, CaptionFilter, decode_list
+from blip2.capfilt.models import Captioner, CaptionFilter, decode_list, to_pixel_values
 from blip2.capfilt.outputs import KEPT_SCHEMA, ShardCollector, completed_shards, prepare_output
 from blip2.capfilt.readers import list_shards, read_shard
 from blip2.capfilt.records import END, check_caption, decode_record, shard_batches
 from blip2.capfilt.report import AccountingError, build_report, check_accounting, filter_quality
 from blip2.capfilt.select import candidates, select_captions
+from blip2.models.generation import generate_captions
 from blip2.toyworld.corpus import iter_webdataset
 
 
@@ -205,6 +206,24 @@ def test_captioner_and_filter_on_a_batch(records, tmp_path, one_thread):
     assert len(decode_list(out["captions"][0])) == 2 and scores[0] >= scores[1]
     strict = CaptionFilter(FilterConfig(threshold=1.0))(captioned)
     assert strict["status"][0] == "filtered" and strict["best_score"][0] == pytest.approx(out["best_score"][0])
+
+
+def test_beam_search_captions_are_the_best_beams_and_draw_nothing(records, tmp_path, one_thread):
+    pixels = np.stack([r["pixels"] for r in _decoded(records[:3], "webdataset", tmp_path) if r["status"] == "ok"])
+    config = CaptionerConfig(num_captions=2, decoding="beam", num_beams=3, max_new_tokens=6, min_new_tokens=2)
+    beam = Captioner(config)
+    assert (beam.params.num_beams, beam.params.do_sample, beam.params.num_return_sequences) == (3, False, 2)
+    captions = beam.caption(pixels, seed=1)
+    assert captions == beam.caption(pixels, seed=2)  # a search, not a draw: the seed changes nothing
+    best = generate_captions(beam.model, beam.tokenizer, to_pixel_values(pixels, beam.image_processor), None,
+                             beam.params)  # transformers' beam search, its two best of three beams per image
+    assert captions == [[t for t in best[2 * i : 2 * i + 2] if t] for i in range(len(pixels))]
+    nucleus = Captioner(CaptionerConfig(num_captions=2, max_new_tokens=6, min_new_tokens=2))
+    assert nucleus.params.do_sample and nucleus.params.top_p == 0.9 and nucleus.params.num_beams == 1  # the default
+    with pytest.raises(ValueError, match="num_beams"):
+        CaptionerConfig(num_captions=4, decoding="beam", num_beams=3)
+    with pytest.raises(ValueError, match="decoding"):
+        CaptionerConfig(decoding="greedy")
 
 
 def test_threshold_calibration_pairs_and_choice():

@@ -80,22 +80,20 @@ def test_stage2_and_instruct_trials_start_from_their_seeds_stage_before(tmp_path
         assert all(0 <= t["values"]["test"] <= 1 for t in entry["trials"])
 
 
-def test_claims_without_their_switch_are_reported_not_runnable(tmp_path):
+def test_a_claim_without_its_switch_is_reported_not_runnable(tmp_path):
     out = tmp_path / "out"
-    assert reproduce.main([f"out={out}", f"claims_dir={tmp_path / 'bench'}", "claims=[C1,C6,C8]"]) == 0
+    assert reproduce.main([f"out={out}", f"claims_dir={tmp_path / 'bench'}", "claims=[C8]"]) == 0
     claims = json.loads((tmp_path / "bench" / "claims.json").read_text())
     assert claims["trials"] == []
-    for claim_id, needs in (("C1", "CapFilt"), ("C6", "beam"), ("C8", "backbone")):
-        entry = claims["claims"][claim_id]
-        assert not entry["runnable"] and entry["summary"]["verdict"].startswith("not runnable: needs")
-        assert needs in entry["summary"]["verdict"]
+    entry = claims["claims"]["C8"]
+    assert not entry["runnable"] and entry["summary"]["verdict"].startswith("not runnable: needs a backbone build")
     assert "not runnable: needs a backbone build per arm" in (tmp_path / "bench" / "CLAIMS.md").read_text()
 
 
 def test_arms_are_overrides_of_the_stage_configs_and_chain_by_seed():
     specs, uses = trial_specs(ReproduceConfig(seeds=(0, 1)))
     by_use = {(u["claim"], u["arm"], u["seed"]): specs[u["key"]] for u in uses}
-    assert {c for c, _, _ in by_use} == {"C2", "C3", "C4", "C5", "C7"}  # the runnable claims
+    assert {c for c, _, _ in by_use} == {"C1", "C2", "C3", "C4", "C5", "C6", "C7"}  # the runnable claims
     c3 = by_use["C3", "ITC+ITM", 1]
     assert c3["base"]["loss"]["itg_weight"] == 0 and c3["base"]["seed"] == 1
     assert by_use["C2", "ITC alone", 0] is by_use["C3", "ITC+ITM+ITG", 0]  # shared arms run once
@@ -104,7 +102,55 @@ def test_arms_are_overrides_of_the_stage_configs_and_chain_by_seed():
     assert fresh["upstream"] == by_use["C3", "ITC+ITM+ITG", 0]["key"]  # stage 2 starts from stage 1's recipe
     assert by_use["C7", "stage 2, prompted", 1] is by_use["C4", "from stage 1", 1]
     assert by_use["C7", "instruction-tuned", 1]["upstream"] == by_use["C4", "from stage 1", 1]["key"]
-    assert len({s["key"] for s in specs.values()}) == len(specs) == 2 * (2 + 2 + 2)  # stage1 x2, stage2 x2, instruct x2
+    # C1's CapFilt arm is C6's nucleus arm; each trains on the CapFilt trial of its seed and decoding, which
+    # captions with the seed's stage-2 recipe and filters with its stage-1 recipe (trained on clean)
+    assert by_use["C1", "clean + CapFilt web", 1] is by_use["C6", "nucleus", 1]
+    assert by_use["C1", "clean + raw web", 1]["data"] == ["clean", "web"] and by_use["C1", "clean + raw web", 1]["after"] == []
+    for arm, decoding in (("nucleus", "nucleus"), ("beam search", "beam")):
+        trial = by_use["C6", arm, 1]
+        capfilt = specs[trial["capfilt"][decoding]]
+        assert trial["data"] == ["clean", f"capfilt:{decoding}"] and trial["after"] == [capfilt["key"]]
+        assert capfilt["stage"] == "capfilt" and capfilt["base"]["captioner"]["decoding"] == decoding
+        assert capfilt["after"] == [by_use["C4", "from stage 1", 1]["key"], by_use["C3", "ITC+ITM+ITG", 1]["key"]]
+        assert capfilt["base"]["captioner"]["seed"] == 1 and specs[capfilt["after"][1]]["base"]["train_split"] == "clean"
+    assert by_use["C1", "clean + raw web", 0]["key"] != by_use["C3", "ITC+ITM+ITG", 0]["key"]  # the data is in the key
+    # per seed: stage 1 x5 (recipe, no ITG, raw web, CapFilt nucleus, CapFilt beam), stage 2 x2, instruct x2, CapFilt x2
+    assert len({s["key"] for s in specs.values()}) == len(specs) == 2 * (5 + 2 + 2 + 2)
+
+
+def test_capfilt_arms_train_on_what_their_seeds_capfilt_step_kept(tmp_path):
+    """C1 and C6 end to end at tiny budgets, one seed, in this process: the recipes train (the filter and
+    the captioner), CapFilt runs twice (nucleus, beam) over the web split, and the arms train on clean + raw
+    web and on clean + each CapFilt output."""
+    out = tmp_path / "capfilt"
+    args = ["--quick", f"out={out}", "claims=[C1,C6]", "seeds=[0]", "world.web_size=48", "world.clean_size=64",
+            "eval_limit=8", "captioner.max_new_tokens=5", "captioner.batch_size=24",
+            "stage1_overrides=[optim.max_steps=4,optim.warmup_steps=1,optim.batch_size=16,model.hidden_size=64,"
+            "model.num_layers=1,model.image_text_hidden_size=32,model.num_query_tokens=4,itm_diagnostics=false,"
+            "itm_eval_images=4,rerank_k=2]",
+            "stage2_overrides=[optim.max_steps=3,optim.warmup_steps=1,optim.batch_size=16]"]
+    assert reproduce.main(args) == 0
+    claims = json.loads((out / "claims.json").read_text())
+    assert claims["trials_run"] == len(claims["trials"]) == 7  # 2 recipes, 2 CapFilt steps, 3 arms
+    records = {key: json.loads((out / "trials" / f"{key}.json").read_text()) for key in claims["trials"]}
+    steps = {r["capfilt"]["decoding"]: r for r in records.values() if r["stage"] == "capfilt"}
+    for decoding, step in steps.items():
+        report = step["capfilt"]
+        kept = json.loads((out / "trials" / step["key"] / "kept.json").read_text())
+        assert report["input"] == 48 == report["kept"] + report["filtered"] and len(kept) == report["kept"]
+        assert report["kept_captions"] == sum(map(len, kept.values())) == (report["web_captions_kept"]
+                                                                           + report["synthetic_captions_kept"])
+        assert 0 <= report["threshold"] <= 1 and report["calibration"]["pairs"] == 2 * 8  # chosen on val
+        assert set(report["web_filter_quality"]) >= {"precision", "recall"}
+        assert kept and all(1 <= len(c) <= 2 for c in kept.values())  # top_n 2 of the web text + 2 synthetic
+        trained, = [r for r in records.values() if r["data"] == ["clean", f"capfilt:{decoding}"]]
+        assert trained["after"] == [step["key"]] and trained["final_losses"]["loss"] > 0
+    c6 = claims["claims"]["C6"]
+    assert {c["report"]["decoding"] for c in c6["capfilt"]} == {"nucleus", "beam"}
+    assert c6["seconds"] == pytest.approx(sum(r["seconds"] for r in records.values()) - next(
+        r["seconds"] for r in records.values() if r["data"] == ["clean", "web"]))  # its chain, each trial once
+    assert all(0 <= t["values"]["test"] <= 1 for c in ("C1", "C6") for t in claims["claims"][c]["trials"])
+    assert "kept captions (web / synthetic)" in (out / "CLAIMS.md").read_text()
 
 
 def test_a_trial_cannot_train_on_a_report_split(tmp_path):
