@@ -48,13 +48,17 @@ class Arm:
     ``data``, when set, is what the trial trains on instead of the config's ``train_split``: toy-world
     splits by name and ``capfilt:<decoding>``, the web split as the seed's CapFilt step keeps it (filter:
     the seed's stage-1 recipe trial; captioner: its stage-2 recipe trial; captions by ``nucleus``
-    sampling or ``beam`` search)."""
+    sampling or ``beam`` search). ``build``, when set, are overrides of the shipped set's LM pretraining
+    config (``blip2/backbones/language.py``): the trial, and the stage-2 trial it starts from, use a
+    backbone set whose LMs a build trial pretrained afresh under them (image encoder and tokenizers
+    unchanged, so the stage-1 trial is the recipe's)."""
 
     name: str
     stage: str  # stage1, stage2 or instruct
     overrides: tuple[str, ...] = ()
     metric: str = ""
     data: tuple[str, ...] = ()
+    build: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,11 +130,9 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in (
     Claim("C8", "This project (what InstructBLIP's 'held out' leaves open)",
           "With `existence` removed from the toy LM's pretraining text too, what does the held-out figure become?",
           "no paper figure: reported, no direction",
-          arms=(Arm("LM pretrained with existence", "instruct"), Arm("LM without existence", "instruct",
-                                                                      ("backbones=<a build without existence>",))),
-          direction=0, needs="a backbone build per arm inside the harness (blip2 backbones with "
-                             "build.language.excluded_tasks=[existence]; the switch exists, the trial step not)",
-          **_HELD_OUT),
+          arms=(Arm("LM pretrained with existence", "instruct"),
+                Arm("LM without existence", "instruct", build=("excluded_tasks=[existence]",))),
+          direction=0, **_HELD_OUT),
 )}
 
 
@@ -226,7 +228,8 @@ def render_markdown(report: Mapping) -> str:
         for arm in claim["arms"]:
             stats = summary["arms"].get(arm["name"]) or {}
             overrides = (f"`{' '.join(arm['overrides']) or RECIPE}`" + (f", metric `{arm['metric']}`" if arm["metric"] else "")
-                         + (f", data `{' + '.join(arm['data'])}`" if arm.get("data") else ""))
+                         + (f", data `{' + '.join(arm['data'])}`" if arm.get("data") else "")
+                         + (f", LMs built with `{' '.join(arm['build'])}`" if arm.get("build") else ""))
             lines.append(f"| {arm['name']} | {arm['stage']} | {overrides} | {_fmt(stats.get('test'))} "
                          f"| {_fmt(stats.get('novel'))} |")
         for split, difference in summary["difference"].items():
@@ -243,6 +246,17 @@ def render_markdown(report: Mapping) -> str:
                              f"({r['web_captions_kept']} / {r['synthetic_captions_kept']}) | {r['threshold']:.3f} | "
                              f"{r['web_filter_quality']['precision']:.3f} / {r['web_filter_quality']['recall']:.3f} "
                              f"| {step['key']} |")
+        if entry.get("builds"):
+            lines += ["", "The LM builds its arms ran on (the shipped image encoder and tokenizers; the LMs asked every "
+                      "family alone, from the attribute words):", "",
+                      "| LMs' text without | OPT answers, all / existence | T5 answers, all / existence | trial |",
+                      "|---|---|---|---|"]
+            for build in entry["builds"]:
+                q = build["quality"]
+                cells = [f"{q[n]['answer_accuracy']:.3f} / {q[n].get('answer_accuracy/existence', float('nan')):.3f}"
+                         for n in ("opt", "t5")]
+                lines.append(f"| {', '.join(build['language']['excluded_tasks']) or 'nothing'} | {cells[0]} | {cells[1]} "
+                             f"| {build['key']} |")
         if entry["trials"]:
             lines += ["", f"Every trial ({entry['seconds']:.0f} s of training and scoring, the trials they "
                       "started from included):", "",

@@ -12,8 +12,10 @@ splits with ``blip2 evaluate``'s code, in the same process (``num_actors=0``). A
 the stage-1 recipe's trial of its seed, an instruction-tuning trial from the stage-2 recipe's. An arm that
 trains on ``capfilt:<decoding>`` data (C1, C6) adds a CapFilt trial per seed and decoding: the web split
 captioned by the seed's stage-2 recipe trial and filtered by its stage-1 recipe trial, threshold chosen on
-``val`` (``captioner`` and ``filter`` below set the rest). A trial starts once the trials it needs have
-finished. A finished trial is written to ``<out>/trials/<key>.json`` at once and never run again:
+``val`` (``captioner`` and ``filter`` below set the rest). An arm with LM-build overrides (C8) adds one
+build trial: the shipped set with its LMs pretrained afresh under them (``build_overrides`` sets the
+build's budget), which the arm's stage-2 and instruction-tuning trials use. A trial starts once the
+trials it needs have finished. A finished trial is written to ``<out>/trials/<key>.json`` at once and never run again:
 its key is the stage, the seed and a hash of its whole training config (with its upstream trial's key),
 so an interrupted run resumes where it stopped and arms that claims share run once (a trial whose
 evaluation sets grew, because a claim was added, runs again). At the end
@@ -38,7 +40,7 @@ from pathlib import Path
 
 from blip2.capfilt.config import CaptionerConfig, FilterConfig
 from blip2.claims import CLAIMS, SPLITS, VERDICT_RULE, render_markdown, summarise
-from blip2.config import ConfigError, from_dict, load_config, to_dict
+from blip2.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
 from blip2.toyworld.corpus import ToyWorldConfig
 from blip2.training.config import EvalSet
 from blip2.training.tasks import MODEL_DIR, TASKS
@@ -48,6 +50,7 @@ from pipelines.toyworld import ToyWorldJobConfig, ensure_toyworld
 
 STAGE_YAML = {"stage1": "stage1_toy.yaml", "stage2": "stage2_toy.yaml", "instruct": "instruct_toy.yaml"}
 CAPFILT = "capfilt"  # a CapFilt trial's stage: no training, its kept web captions (kept.json)
+BUILD = "backbones"  # a build trial's stage: a backbone set with its LMs pretrained afresh
 KEPT_FILE = "kept.json"
 UPSTREAM = {"stage2": ("stage1", "stage1"), "instruct": ("stage2", "stage2")}  # stage -> (its stage before, field)
 QUICK = ("out=runs/reproduce-quick", "claims_dir=", "seeds=[0,1]", "claims=[C2,C3]", "in_process=true",
@@ -78,6 +81,7 @@ class ReproduceConfig:
     captioner: CaptionerConfig = field(default_factory=lambda: CaptionerConfig(num_captions=2, max_new_tokens=16,
                                                                                batch_size=32))
     filter: FilterConfig = field(default_factory=lambda: FilterConfig(batch_size=64))
+    build_overrides: tuple[str, ...] = ()  # on top of the shipped set's LM pretraining config, every build trial
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.claims if c not in CLAIMS]
@@ -105,15 +109,33 @@ def _key(stage: str, seed: int, hashed) -> str:
 
 
 def _add_trial(specs: dict, config: ReproduceConfig, stage: str, overrides: Sequence[str], seed: int,
-               data: Sequence[str] = ()) -> str:
-    """The trial's key, after adding it and every trial it starts from or trains on to ``specs``."""
-    upstream = _add_trial(specs, config, UPSTREAM[stage][0], (), seed) if stage in UPSTREAM else ""
+               data: Sequence[str] = (), build: Sequence[str] = ()) -> str:
+    """The trial's key, after adding it and every trial it starts from, trains on or runs on to ``specs``."""
+    before = UPSTREAM[stage][0] if stage in UPSTREAM else ""
+    upstream = _add_trial(specs, config, before, (), seed, build=build if before != "stage1" else ()) if before else ""
     capfilt = {d: _add_capfilt(specs, config, d, seed) for d in map(capfilt_decoding, data) if d}
+    backbones = _add_build(specs, config, build) if build else ""
     base = to_dict(_stage_config(config, stage, overrides, seed, upstream))
-    key = _key(stage, seed, {**base, "data": list(data), "capfilt": capfilt} if data else base)
+    extra = {**({"data": list(data), "capfilt": capfilt} if data else {}), **({"backbones": backbones} if build else {})}
+    key = _key(stage, seed, {**base, **extra})
     specs.setdefault(key, {"key": key, "stage": stage, "seed": seed, "upstream": upstream, "base": base, "eval": set(),
-                           "data": list(data), "capfilt": capfilt,
-                           "after": [k for k in (upstream, *capfilt.values()) if k]})
+                           "data": list(data), "capfilt": capfilt, "backbones": backbones,
+                           "after": [k for k in (upstream, *capfilt.values(), backbones) if k]})
+    return key
+
+
+def _add_build(specs: dict, config: ReproduceConfig, build: Sequence[str]) -> str:
+    """A build trial: the shipped backbone set with its LMs pretrained afresh under ``build`` (on top of the
+    shipped set's own LM config and ``build_overrides``). One per distinct build, whatever the seeds."""
+    from blip2.backbones.build import find_backbones
+    from blip2.backbones.language import LanguagePretrainConfig
+
+    shipped = find_backbones().report()["config"]["language"]
+    language = from_dict(LanguagePretrainConfig, apply_overrides(shipped, [*config.build_overrides, *build]))
+    key = _key(f"{BUILD}-lm", language.seed, to_dict(language))
+    specs.setdefault(key, {"key": key, "stage": BUILD, "seed": language.seed, "upstream": "",
+                           "base": {"language": to_dict(language)}, "eval": set(), "data": [], "capfilt": {},
+                           "backbones": "", "after": []})
     return key
 
 
@@ -126,7 +148,7 @@ def _add_capfilt(specs: dict, config: ReproduceConfig, decoding: str, seed: int)
             "seed": seed, "captioner_trial": captioner_key, "filter_trial": filter_key}
     key = _key(f"{CAPFILT}-{decoding}", seed, base)
     specs.setdefault(key, {"key": key, "stage": CAPFILT, "seed": seed, "upstream": captioner_key, "base": base,
-                           "eval": set(), "data": [], "capfilt": {}, "after": [captioner_key, filter_key]})
+                           "eval": set(), "data": [], "capfilt": {}, "backbones": "", "after": [captioner_key, filter_key]})
     return key
 
 
@@ -142,7 +164,7 @@ def trial_specs(config: ReproduceConfig) -> tuple[dict[str, dict], list[dict]]:
         limit = min(claim.limit or config.eval_limit, config.eval_limit or claim.limit)
         for arm in claim.arms:
             for seed in config.seeds:
-                key = _add_trial(specs, config, arm.stage, arm.overrides, seed, arm.data)
+                key = _add_trial(specs, config, arm.stage, arm.overrides, seed, arm.data, arm.build)
                 specs[key]["eval"].add((claim.task, limit, claim.prompt))
                 uses.append({"claim": claim_id, "arm": arm.name, "seed": seed, "key": key})
     return specs, uses
@@ -157,6 +179,8 @@ def resolved_config(spec: dict, out: Path, threads: int) -> dict:
         return {**base, "captioner": {**base["captioner"], "source": str(trials / base["captioner_trial"] / MODEL_DIR)},
                 "filter": {**base["filter"], "source": str(trials / base["filter_trial"] / MODEL_DIR)},
                 "output": str(trials / spec["key"])}
+    if spec["stage"] == BUILD:
+        return {**spec["base"], "output": str(trials / spec["key"])}
     config_cls = TASKS[spec["stage"]][0]
     trial = from_dict(config_cls, spec["base"])
     changes = {"name": spec["key"], "storage_path": str(out / "trials"), "toyworld": str(out / "toyworld"),
@@ -165,6 +189,8 @@ def resolved_config(spec: dict, out: Path, threads: int) -> dict:
                              for task, limit, prompt in sorted(spec["eval"]) for split in SPLITS)}
     if spec["stage"] in UPSTREAM:
         changes[UPSTREAM[spec["stage"]][1]] = str(out / "trials" / spec["upstream"])
+    if spec["backbones"]:  # a build trial's set: its LMs, the shipped image encoder and tokenizers
+        changes["backbones"] = str(out / "trials" / spec["backbones"])
     return to_dict(dataclasses.replace(trial, **changes))
 
 
@@ -200,6 +226,26 @@ def run_capfilt_trial(resolved: dict, threads: int) -> dict:
             "node": _where(), "pid": os.getpid()}
 
 
+def run_build_trial(resolved: dict, threads: int) -> dict:
+    """A build trial wherever it runs: the shipped set with its LMs pretrained afresh, into ``output``
+    (:func:`blip2.backbones.build.build_language_variant`). Returns the LMs' quality, seconds and where."""
+    import torch
+
+    from blip2.backbones.build import build_language_variant, find_backbones
+    from blip2.backbones.language import LanguagePretrainConfig
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        start = time.perf_counter()
+        built = build_language_variant(find_backbones(), from_dict(LanguagePretrainConfig, resolved["language"]),
+                                       resolved["output"], log=lambda line: log(f"[{Path(resolved['output']).name}] {line}"))
+    finally:
+        torch.set_num_threads(previous)
+    return {"benchmarks": {}, "backbones": built.report()["quality"], "seconds": time.perf_counter() - start,
+            "node": _where(), "pid": os.getpid()}
+
+
 def run_trial(stage: str, resolved: dict, threads: int, data: Sequence[str] = (),
               kept: dict[str, str] | None = None) -> dict:
     """One trial wherever it runs (a Ray worker or this process): train on ``data`` (default: the config's
@@ -207,6 +253,8 @@ def run_trial(stage: str, resolved: dict, threads: int, data: Sequence[str] = ()
     with blip2 evaluate's code in this process. Returns its figures, seconds and where it ran."""
     if stage == CAPFILT:
         return run_capfilt_trial(resolved, threads)
+    if stage == BUILD:
+        return run_build_trial(resolved, threads)
     import torch
 
     from blip2.training.trials import train_trial
@@ -329,10 +377,12 @@ def report(config: ReproduceConfig, specs: dict, uses: list[dict], out: Path, co
         keys = set().union(*(chain(t["key"]) for t in trials))
         capfilt = [{"key": k, "seed": specs[k]["seed"], "report": records[k]["capfilt"]}
                    for k in sorted(keys) if specs[k]["stage"] == CAPFILT]
+        builds = [{"key": k, "language": specs[k]["base"]["language"], "quality": records[k]["backbones"]}
+                  for k in sorted(keys) if specs[k]["stage"] == BUILD]
         claims[claim_id] = {"claim": dataclasses.asdict(claim), "runnable": not claim.needs,
                             "summary": summarise(claim, trials, config.min_seeds), "trials": trials,
                             "seconds": sum(records[k]["seconds"] for k in keys),
-                            **({"capfilt": capfilt} if capfilt else {})}
+                            **({"capfilt": capfilt} if capfilt else {}), **({"builds": builds} if builds else {})}
     return {"command": command, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "wall_seconds": wall, "seeds": list(config.seeds), "min_seeds": config.min_seeds,
             "verdict_rule": VERDICT_RULE, "trials": sorted(specs), "trials_run": ran, "trials_reused": len(specs) - ran,

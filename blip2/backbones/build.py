@@ -248,6 +248,48 @@ def build_backbones(config: BackbonesConfig, out: str | Path, log: Callable[[str
     return ToyBackbones(out)
 
 
+LANGUAGE_MODELS = (("opt", pretrain_causal_lm, AutoModelForCausalLM), ("t5", pretrain_seq2seq_lm, AutoModelForSeq2SeqLM))
+
+
+@_deterministic()
+def build_language_variant(base: ToyBackbones, language: LanguagePretrainConfig, out: str | Path,
+                           log: Callable[[str], None] = print) -> ToyBackbones:
+    """A backbone set that differs from ``base`` in its LMs alone: ``base``'s image encoder, Q-Former
+    tokenizer and LM tokenizer, with OPT and T5 pretrained afresh under ``language`` (another seed, or a
+    family left out of their text with ``excluded_tasks``), each evaluated as :func:`evaluate_language_model`
+    does (every family asked, the excluded one too). ``report.json`` records ``base``, the config, the
+    LMs' quality and the provenance. Written to a staging sibling and renamed into place, as
+    :func:`build_backbones` does."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        for part in ("vision", "qformer_tokenizer"):
+            shutil.copytree(base.root / part, staging / part)
+        tokenizer = AutoTokenizer.from_pretrained(base.opt)  # the same vocabulary: only the pretraining text differs
+        quality, timings = {}, {}
+        for name, pretrain, loader in LANGUAGE_MODELS:
+            start = time.perf_counter()
+            log(f"pretraining the {name} LM" + (f" without {', '.join(language.excluded_tasks)}"
+                                                if language.excluded_tasks else ""))
+            pretrain(language, tokenizer, all_attributes(), log).save_pretrained(staging / name)
+            tokenizer.save_pretrained(staging / name)
+            timings[name] = round(time.perf_counter() - start, 1)
+            model = loader.from_pretrained(staging / name).eval()
+            quality[name] = evaluate_language_model(model, tokenizer, all_attributes(), seed=language.seed + 1000)
+        report = {"base": str(base.root), "config": {"language": asdict(language)}, "quality": quality,
+                  "train_seconds": timings, "provenance": _provenance(BackbonesConfig(language=language), staging)}
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.chmod(0o755)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ToyBackbones(out)
+
+
 def summary_lines(report: dict) -> list[str]:
     """Human-readable quality lines of a backbone report (the build's or a fresh evaluation)."""
     quality = report.get("quality", report)

@@ -1,6 +1,7 @@
 """``blip2 reproduce``: the quick run writes the claims report from real trials (trained in this process,
 scored by ``blip2 evaluate``'s code) and resumes without rerunning a finished trial."""
 
+import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -80,20 +81,21 @@ def test_stage2_and_instruct_trials_start_from_their_seeds_stage_before(tmp_path
         assert all(0 <= t["values"]["test"] <= 1 for t in entry["trials"])
 
 
-def test_a_claim_without_its_switch_is_reported_not_runnable(tmp_path):
+def test_a_claim_without_its_switch_is_reported_not_runnable(tmp_path, monkeypatch):
+    monkeypatch.setitem(reproduce.CLAIMS, "C8", dataclasses.replace(CLAIMS["C8"], needs="a switch not written yet"))
     out = tmp_path / "out"
     assert reproduce.main([f"out={out}", f"claims_dir={tmp_path / 'bench'}", "claims=[C8]"]) == 0
     claims = json.loads((tmp_path / "bench" / "claims.json").read_text())
-    assert claims["trials"] == []
+    assert claims["trials"] == []  # nothing ran for it
     entry = claims["claims"]["C8"]
-    assert not entry["runnable"] and entry["summary"]["verdict"].startswith("not runnable: needs a backbone build")
-    assert "not runnable: needs a backbone build per arm" in (tmp_path / "bench" / "CLAIMS.md").read_text()
+    assert not entry["runnable"] and entry["summary"]["verdict"] == "not runnable: needs a switch not written yet"
+    assert "not runnable: needs a switch not written yet" in (tmp_path / "bench" / "CLAIMS.md").read_text()
 
 
 def test_arms_are_overrides_of_the_stage_configs_and_chain_by_seed():
     specs, uses = trial_specs(ReproduceConfig(seeds=(0, 1)))
     by_use = {(u["claim"], u["arm"], u["seed"]): specs[u["key"]] for u in uses}
-    assert {c for c, _, _ in by_use} == {"C1", "C2", "C3", "C4", "C5", "C6", "C7"}  # the runnable claims
+    assert {c for c, _, _ in by_use} == set(CLAIMS)  # every claim runs
     c3 = by_use["C3", "ITC+ITM", 1]
     assert c3["base"]["loss"]["itg_weight"] == 0 and c3["base"]["seed"] == 1
     assert by_use["C2", "ITC alone", 0] is by_use["C3", "ITC+ITM+ITG", 0]  # shared arms run once
@@ -114,25 +116,42 @@ def test_arms_are_overrides_of_the_stage_configs_and_chain_by_seed():
         assert capfilt["after"] == [by_use["C4", "from stage 1", 1]["key"], by_use["C3", "ITC+ITM+ITG", 1]["key"]]
         assert capfilt["base"]["captioner"]["seed"] == 1 and specs[capfilt["after"][1]]["base"]["train_split"] == "clean"
     assert by_use["C1", "clean + raw web", 0]["key"] != by_use["C3", "ITC+ITM+ITG", 0]["key"]  # the data is in the key
-    # per seed: stage 1 x5 (recipe, no ITG, raw web, CapFilt nucleus, CapFilt beam), stage 2 x2, instruct x2, CapFilt x2
-    assert len({s["key"] for s in specs.values()}) == len(specs) == 2 * (5 + 2 + 2 + 2)
+    # C8's ablation: stage 2 and instruction tuning on one LM build (whatever the seed), from the recipe's stage 1
+    with_lm, without = by_use["C8", "LM pretrained with existence", 1], by_use["C8", "LM without existence", 1]
+    assert with_lm is by_use["C5", "instruction-aware", 1] and not with_lm["backbones"]
+    build = specs[without["backbones"]]
+    assert build["stage"] == "backbones" and list(build["base"]["language"]["excluded_tasks"]) == ["existence"]
+    assert build["base"]["language"]["steps"] == 3000  # the shipped set's LM config, but for the exclusion
+    stage2 = specs[without["upstream"]]
+    assert stage2["backbones"] == build["key"] and stage2["upstream"] == by_use["C3", "ITC+ITM+ITG", 1]["key"]
+    assert by_use["C8", "LM without existence", 0]["backbones"] == build["key"]
+    # per seed: stage 1 x5 (recipe, no ITG, raw web, CapFilt nucleus, CapFilt beam), stage 2 x3 (recipe, fresh, on
+    # the build), instruct x3 (recipe, instruction-unaware, on the build), CapFilt x2; and the one build
+    assert len({s["key"] for s in specs.values()}) == len(specs) == 2 * (5 + 3 + 3 + 2) + 1
 
 
-def test_capfilt_arms_train_on_what_their_seeds_capfilt_step_kept(tmp_path):
-    """C1 and C6 end to end at tiny budgets, one seed, in this process: the recipes train (the filter and
-    the captioner), CapFilt runs twice (nucleus, beam) over the web split, and the arms train on clean + raw
-    web and on clean + each CapFilt output."""
-    out = tmp_path / "capfilt"
-    args = ["--quick", f"out={out}", "claims=[C1,C6]", "seeds=[0]", "world.web_size=48", "world.clean_size=64",
+def test_capfilt_and_lm_build_arms_run_on_what_their_own_trials_made(tmp_path):
+    """C1, C6 and C8 end to end at tiny budgets, one seed, in this process: the recipes train (the filter,
+    the captioner, the instruction-tuned model), CapFilt runs twice (nucleus, beam) over the web split, the
+    arms train on clean + raw web and on clean + each CapFilt output; one LM build without `existence`,
+    and C8's ablation tunes stage 2 and instructions on it."""
+    from blip2.backbones.build import find_backbones, file_digests
+
+    out = tmp_path / "harness"
+    args = ["--quick", f"out={out}", "claims=[C1,C6,C8]", "seeds=[0]", "world.web_size=48", "world.clean_size=64",
             "eval_limit=8", "captioner.max_new_tokens=5", "captioner.batch_size=24",
+            "build_overrides=[steps=3,warmup_steps=1,batch_size=8]",
             "stage1_overrides=[optim.max_steps=4,optim.warmup_steps=1,optim.batch_size=16,model.hidden_size=64,"
             "model.num_layers=1,model.image_text_hidden_size=32,model.num_query_tokens=4,itm_diagnostics=false,"
             "itm_eval_images=4,rerank_k=2]",
-            "stage2_overrides=[optim.max_steps=3,optim.warmup_steps=1,optim.batch_size=16]"]
+            "stage2_overrides=[optim.max_steps=3,optim.warmup_steps=1,optim.batch_size=16]",
+            "instruct_overrides=[optim.max_steps=3,optim.warmup_steps=1,optim.batch_size=16]"]
     assert reproduce.main(args) == 0
     claims = json.loads((out / "claims.json").read_text())
-    assert claims["trials_run"] == len(claims["trials"]) == 7  # 2 recipes, 2 CapFilt steps, 3 arms
+    # stage 1: recipe + 3 arms; stage 2 recipe + on the build; CapFilt x2; instruct recipe + on the build; the build
+    assert claims["trials_run"] == len(claims["trials"]) == 4 + 2 + 2 + 2 + 1
     records = {key: json.loads((out / "trials" / f"{key}.json").read_text()) for key in claims["trials"]}
+
     steps = {r["capfilt"]["decoding"]: r for r in records.values() if r["stage"] == "capfilt"}
     for decoding, step in steps.items():
         report = step["capfilt"]
@@ -147,10 +166,26 @@ def test_capfilt_arms_train_on_what_their_seeds_capfilt_step_kept(tmp_path):
         assert trained["after"] == [step["key"]] and trained["final_losses"]["loss"] > 0
     c6 = claims["claims"]["C6"]
     assert {c["report"]["decoding"] for c in c6["capfilt"]} == {"nucleus", "beam"}
-    assert c6["seconds"] == pytest.approx(sum(r["seconds"] for r in records.values()) - next(
-        r["seconds"] for r in records.values() if r["data"] == ["clean", "web"]))  # its chain, each trial once
-    assert all(0 <= t["values"]["test"] <= 1 for c in ("C1", "C6") for t in claims["claims"][c]["trials"])
-    assert "kept captions (web / synthetic)" in (out / "CLAIMS.md").read_text()
+    c6_chain = [r for r in records.values() if r["stage"] in ("capfilt", "stage2", "stage1") and not r["config"].get(
+        "backbones") and r["data"] != ["clean", "web"]]
+    assert c6["seconds"] == pytest.approx(sum(r["seconds"] for r in c6_chain))  # its trials, each counted once
+
+    build, = [r for r in records.values() if r["stage"] == "backbones"]
+    built, shipped = out / "trials" / build["key"], find_backbones()
+    assert build["config"]["language"]["excluded_tasks"] == ["existence"]
+    digests, shipped_digests = file_digests(built), file_digests(shipped.root)
+    same = [p for p in digests if digests[p] == shipped_digests.get(p)]
+    assert {p.split("/")[0] for p in same} >= {"vision", "qformer_tokenizer"}  # unchanged: only the LMs differ
+    assert digests["opt/model.safetensors"] != shipped_digests["opt/model.safetensors"]
+    assert digests["opt/tokenizer.json"] == shipped_digests["opt/tokenizer.json"]
+    assert set(build["backbones"]) == {"opt", "t5"} and "answer_accuracy/existence" in build["backbones"]["opt"]
+    on_build = [r for r in records.values() if r["config"].get("backbones") == str(built)]
+    assert sorted(r["stage"] for r in on_build) == ["instruct", "stage2"]
+    c8 = claims["claims"]["C8"]
+    assert c8["builds"][0]["key"] == build["key"] and c8["summary"]["verdict"] == "reported"
+    assert all(0 <= t["values"]["test"] <= 1 for c in ("C1", "C6", "C8") for t in claims["claims"][c]["trials"])
+    text = (out / "CLAIMS.md").read_text()
+    assert "kept captions (web / synthetic)" in text and "| existence |" in text
 
 
 def test_a_trial_cannot_train_on_a_report_split(tmp_path):
