@@ -216,6 +216,8 @@ def render_markdown(report: Mapping) -> str:
              f"({len(report['trials'])} trials: {report['trials_run']} run, {report['trials_reused']} reused "
              f"from an earlier run). Seeds {report['seeds']} (listed in the config before the run); "
              f"machine: {report['machine']}.", "",
+             f"Code: commit {report.get('commit', 'unknown')}; the trials ran at "
+             f"{', '.join(report.get('trial_commits', ['unknown']))} (a resumed run may span commits).", "",
              f"Verdict rule (fixed before the run): {report['verdict_rule']}. `min_seeds` = {report['min_seeds']}.",
              "", "Figures: mean ± sd [95% CI] over seeds. `test` decides; `novel` (colour x shape pairs in no "
              "training split) is reported beside it.", ""]

@@ -46,6 +46,7 @@ from blip2.training.config import EvalSet
 from blip2.training.tasks import MODEL_DIR, TASKS
 from blip2.training.trials import capfilt_decoding
 from pipelines.common import CONFIG_DIR, init_ray, job_parser, log, parse_config, quiet_progress_bars
+from pipelines.demo_record import commit
 from pipelines.toyworld import ToyWorldJobConfig, ensure_toyworld
 
 STAGE_YAML = {"stage1": "stage1_toy.yaml", "stage2": "stage2_toy.yaml", "instruct": "instruct_toy.yaml"}
@@ -347,7 +348,7 @@ def _run_all(specs: dict[str, dict], config: ReproduceConfig, out: Path) -> int:
 
 def _write(trials_dir: Path, spec: dict, resolved: dict, result: dict, done: int, total: int) -> None:
     record = {"key": spec["key"], "stage": spec["stage"], "seed": spec["seed"], "upstream": spec["upstream"],
-              "after": spec["after"], "data": spec["data"], "config": resolved, **result}
+              "after": spec["after"], "data": spec["data"], "config": resolved, "commit": commit(), **result}
     trials_dir.mkdir(parents=True, exist_ok=True)
     path = trials_dir / f"{spec['key']}.json"
     partial = path.with_suffix(".json.partial")
@@ -383,7 +384,8 @@ def report(config: ReproduceConfig, specs: dict, uses: list[dict], out: Path, co
                             "summary": summarise(claim, trials, config.min_seeds), "trials": trials,
                             "seconds": sum(records[k]["seconds"] for k in keys),
                             **({"capfilt": capfilt} if capfilt else {}), **({"builds": builds} if builds else {})}
-    return {"command": command, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    return {"command": command, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit(),
+            "trial_commits": sorted({r.get("commit", "unknown") for r in records.values()}),
             "wall_seconds": wall, "seeds": list(config.seeds), "min_seeds": config.min_seeds,
             "verdict_rule": VERDICT_RULE, "trials": sorted(specs), "trials_run": ran, "trials_reused": len(specs) - ran,
             "machine": f"{platform.machine()}, {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f} at the end",

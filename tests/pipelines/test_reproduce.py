@@ -38,6 +38,7 @@ def test_quick_run_reports_every_trial_and_resumes(tmp_path, monkeypatch, capsys
     assert {t["key"] for t in c2["trials"]} < {t["key"] for t in c3["trials"]}  # one run serves both
     record = json.loads(next((out / "trials").glob("*.json")).read_text())
     assert record["config"]["optim"]["max_steps"] == 12 and record["config"]["eval"][0]["limit"] == 24
+    assert record["commit"] == claims["commit"] and claims["trial_commits"] == [claims["commit"]]  # the code's version
     assert (out / "trials" / record["key"] / "model" / "config.json").is_file()
     text = (out / "CLAIMS.md").read_text()
     assert "Verdict: not enough seeds" in text and "Every trial" in text and "`loss.itg_weight=0`" in text
