@@ -136,6 +136,33 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in (
 )}
 
 
+
+@dataclass(frozen=True)
+class Factor:
+    """Not a claim: how far one setting moves a figure, beside the training seeds' spread. The first arm
+    is the reference, trained at every seed of the run; the others at ``seeds`` only. Reported, never
+    judged."""
+
+    id: str
+    statement: str
+    task: str
+    metric: str
+    metric_label: str
+    arms: tuple[Arm, ...]
+    seeds: tuple[int, ...] = (0,)
+    limit: int = 0
+    prompt: str = ""
+
+
+FACTORS: dict[str, Factor] = {f.id: f for f in (
+    Factor("F1", "The backbone build: the held-out figure over three fresh LM builds (build seeds 1, 2, 3; image "
+                 "encoder and tokenizers the shipped ones) at training seed 0, beside the shipped set's spread "
+                 "over the run's training seeds.",
+           arms=(Arm("shipped set", "instruct"),
+                 *(Arm(f"LM build seed {b}", "instruct", build=(f"seed={b}",)) for b in (1, 2, 3))), **_HELD_OUT),
+)}
+
+
 def t95(df: int) -> float:
     if df < 1:
         raise ValueError("a confidence interval needs at least two values")
@@ -199,6 +226,25 @@ def summarise(claim: Claim, trials: Sequence[Mapping], min_seeds: int) -> dict:
     summary["verdict"] = verdict(test, claim.direction, min_seeds) if test else "not run"
     summary["holds"] = summary["verdict"] == "holds"
     return summary
+
+
+def summarise_factor(factor: Factor, trials: Sequence[Mapping]) -> dict:
+    """Per arm and split the mean, spread and CI over its seeds, and the two spreads side by side: across
+    the non-reference arms (their values at the factor's seeds) and across the reference arm's seeds."""
+    by_arm: dict[str, dict[str, list[float]]] = {arm.name: {s: [] for s in SPLITS} for arm in factor.arms}
+    for trial in trials:
+        for split in SPLITS:
+            if trial["values"][split] is not None:
+                by_arm[trial["arm"]][split].append(trial["values"][split])
+    reference = factor.arms[0].name
+    others = [arm.name for arm in factor.arms[1:]]
+    return {"arms": {name: {split: mean_ci(v) if v else None for split, v in splits.items()}
+                     for name, splits in by_arm.items()},
+            "spread": {split: {"across_arms": mean_ci([v for name in others for v in by_arm[name][split]])
+                               if any(by_arm[name][split] for name in others) else None,
+                               "across_seeds": mean_ci(by_arm[reference][split]) if by_arm[reference][split] else None}
+                       for split in SPLITS},
+            "verdict": "reported"}
 
 
 def _fmt(stat: Mapping | None) -> str:
@@ -268,4 +314,18 @@ def render_markdown(report: Mapping) -> str:
                 lines.append(f"| {trial['arm']} | {trial['seed']} | {' | '.join(values)} | {trial['seconds']:.0f} | "
                              f"{trial['node'][:8]} | {trial['key']} |")
         lines.append("")
+    for factor_id, entry in report.get("factors", {}).items():
+        factor, summary = entry["factor"], entry["summary"]
+        lines += [f"## {factor_id}: {factor['statement']}", "",
+                  f"Metric: {factor['metric_label']} (`{factor['task']}` `{factor['metric']}`). Reported, not judged.", "",
+                  "| arm | LM build | seeds | test | novel |", "|---|---|---|---|---|"]
+        for arm in factor["arms"]:
+            stats = summary["arms"].get(arm["name"]) or {}
+            seeds = sorted({t["seed"] for t in entry["trials"] if t["arm"] == arm["name"]})
+            lines.append(f"| {arm['name']} | `{' '.join(arm['build']) or 'shipped'}` | {seeds} | "
+                         f"{_fmt(stats.get('test'))} | {_fmt(stats.get('novel'))} |")
+        for label, key in (("across the fresh builds", "across_arms"), ("across training seeds, shipped set", "across_seeds")):
+            cells = [_fmt(summary["spread"][s][key]) for s in SPLITS]
+            lines.append(f"| spread {label} | | | {' | '.join(cells)} |")
+        lines += ["", f"Its trials took {entry['seconds']:.0f} s (the trials they started from included).", ""]
     return "\n".join(lines)

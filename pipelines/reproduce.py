@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blip2.capfilt.config import CaptionerConfig, FilterConfig
-from blip2.claims import CLAIMS, SPLITS, VERDICT_RULE, render_markdown, summarise
+from blip2.claims import CLAIMS, FACTORS, SPLITS, VERDICT_RULE, render_markdown, summarise, summarise_factor
 from blip2.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
 from blip2.toyworld.corpus import ToyWorldConfig
 from blip2.training.config import EvalSet
@@ -66,7 +66,7 @@ QUICK = ("out=runs/reproduce-quick", "claims_dir=", "seeds=[0,1]", "claims=[C2,C
 class ReproduceConfig:
     out: str = "runs/reproduce"  # toyworld/, trials/ (finished trials, never rerun), claims.json, CLAIMS.md
     claims_dir: str = "benchmarks"  # claims.json and CLAIMS.md also go here; empty: only to out
-    claims: tuple[str, ...] = ()  # empty: every claim in blip2.claims.CLAIMS
+    claims: tuple[str, ...] = ()  # empty: every claim in blip2.claims.CLAIMS and every factor (FACTORS: F1)
     seeds: tuple[int, ...] = (0, 1)  # a full run lists >= min_seeds in its YAML; every trial is reported
     min_seeds: int = 5  # fewer: the verdict is "not enough seeds"
     world: ToyWorldConfig = field(default_factory=ToyWorldConfig)  # the trials' toy world (out/toyworld)
@@ -85,9 +85,9 @@ class ReproduceConfig:
     build_overrides: tuple[str, ...] = ()  # on top of the shipped set's LM pretraining config, every build trial
 
     def __post_init__(self) -> None:
-        unknown = [c for c in self.claims if c not in CLAIMS]
+        unknown = [c for c in self.claims if c not in CLAIMS and c not in FACTORS]
         if unknown:
-            raise ValueError(f"claims must name some of {', '.join(CLAIMS)}; unknown: {', '.join(unknown)}")
+            raise ValueError(f"claims must name some of {', '.join([*CLAIMS, *FACTORS])}; unknown: {', '.join(unknown)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds must be a non-empty list of distinct integers")
         if self.min_seeds < 2 or self.cpus_per_trial <= 0 or self.threads_per_trial < 1 or self.eval_limit < 0:
@@ -158,17 +158,23 @@ def trial_specs(config: ReproduceConfig) -> tuple[dict[str, dict], list[dict]]:
     trial by a claim's arm: ``{"claim", "arm", "seed", "key"}``. Arms equal across claims share a key."""
     specs: dict[str, dict] = {}
     uses = []
-    for claim_id in config.claims or tuple(CLAIMS):
-        claim = CLAIMS[claim_id]
-        if claim.needs:
+    for claim_id in _selected(config):
+        claim = CLAIMS.get(claim_id) or FACTORS[claim_id]
+        if getattr(claim, "needs", ""):
             continue
         limit = min(claim.limit or config.eval_limit, config.eval_limit or claim.limit)
-        for arm in claim.arms:
-            for seed in config.seeds:
+        for index, arm in enumerate(claim.arms):
+            # a factor's reference arm runs at the run's seeds, its other arms at the factor's own
+            seeds = config.seeds if claim_id in CLAIMS or index == 0 else claim.seeds
+            for seed in seeds:
                 key = _add_trial(specs, config, arm.stage, arm.overrides, seed, arm.data, arm.build)
                 specs[key]["eval"].add((claim.task, limit, claim.prompt))
                 uses.append({"claim": claim_id, "arm": arm.name, "seed": seed, "key": key})
     return specs, uses
+
+
+def _selected(config: ReproduceConfig) -> tuple[str, ...]:
+    return config.claims or (*CLAIMS, *FACTORS)
 
 
 def resolved_config(spec: dict, out: Path, threads: int) -> dict:
@@ -366,13 +372,13 @@ def report(config: ReproduceConfig, specs: dict, uses: list[dict], out: Path, co
     def chain(key: str) -> set[str]:  # a trial and every trial it started from or trained on
         return {key}.union(*(chain(k) for k in specs[key]["after"]))
 
-    claims = {}
-    for claim_id in config.claims or tuple(CLAIMS):
-        claim = CLAIMS[claim_id]
+    claims, factors = {}, {}
+    for claim_id in _selected(config):
+        claim = CLAIMS.get(claim_id) or FACTORS[claim_id]
         arms = {arm.name: arm for arm in claim.arms}
         trials = []
         for use in (u for u in uses if u["claim"] == claim_id):
-            benchmarks, metric = records[use["key"]]["benchmarks"], claim.metric_of(arms[use["arm"]])
+            benchmarks, metric = records[use["key"]]["benchmarks"], arms[use["arm"]].metric or claim.metric
             trials.append({**use, "values": {s: benchmarks[f"{claim.task}/{s}"].get(metric) for s in SPLITS},
                            "seconds": records[use["key"]]["seconds"], "node": records[use["key"]]["node"]})
         keys = set().union(*(chain(t["key"]) for t in trials))
@@ -380,6 +386,10 @@ def report(config: ReproduceConfig, specs: dict, uses: list[dict], out: Path, co
                    for k in sorted(keys) if specs[k]["stage"] == CAPFILT]
         builds = [{"key": k, "language": specs[k]["base"]["language"], "quality": records[k]["backbones"]}
                   for k in sorted(keys) if specs[k]["stage"] == BUILD]
+        if claim_id in FACTORS:
+            factors[claim_id] = {"factor": dataclasses.asdict(claim), "summary": summarise_factor(claim, trials),
+                                 "trials": trials, "seconds": sum(records[k]["seconds"] for k in keys), "builds": builds}
+            continue
         claims[claim_id] = {"claim": dataclasses.asdict(claim), "runnable": not claim.needs,
                             "summary": summarise(claim, trials, config.min_seeds), "trials": trials,
                             "seconds": sum(records[k]["seconds"] for k in keys),
@@ -389,7 +399,7 @@ def report(config: ReproduceConfig, specs: dict, uses: list[dict], out: Path, co
             "wall_seconds": wall, "seeds": list(config.seeds), "min_seeds": config.min_seeds,
             "verdict_rule": VERDICT_RULE, "trials": sorted(specs), "trials_run": ran, "trials_reused": len(specs) - ran,
             "machine": f"{platform.machine()}, {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f} at the end",
-            "config": to_dict(config), "claims": claims}
+            "config": to_dict(config), "claims": claims, "factors": factors}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from blip2.claims import CLAIMS, mean_ci, paired_difference, render_markdown, summarise, t95, verdict
+from blip2.claims import (CLAIMS, FACTORS, mean_ci, paired_difference, render_markdown, summarise, summarise_factor, t95,
+                          verdict)
 
 
 def test_mean_ci_is_students_t():
@@ -92,3 +93,24 @@ def test_a_value_the_set_could_not_score_is_left_out():
     summary = summarise(claim, trials, min_seeds=2)
     assert summary["arms"][claim.arms[0].name]["novel"]["n"] == 1
     assert summary["difference"]["novel"]["seeds"] == [1]
+
+
+def test_a_factor_sets_the_builds_spread_beside_the_seeds_spread():
+    factor = FACTORS["F1"]
+    assert [arm.build for arm in factor.arms] == [(), ("seed=1",), ("seed=2",), ("seed=3",)] and factor.seeds == (0,)
+    reference = [{"arm": "shipped set", "seed": s, "key": f"r{s}", "seconds": 1.0, "node": "n",
+                  "values": {"test": v, "novel": v}} for s, v in enumerate([0.9, 0.92, 0.94])]
+    builds = [{"arm": f"LM build seed {b}", "seed": 0, "key": f"b{b}", "seconds": 1.0, "node": "n",
+               "values": {"test": v, "novel": None}} for b, v in ((1, 0.5), (2, 0.7), (3, 0.9))]
+    summary = summarise_factor(factor, reference + builds)
+    assert summary["spread"]["test"]["across_arms"]["sd"] == pytest.approx(0.2)  # the builds: 0.5, 0.7, 0.9
+    assert summary["spread"]["test"]["across_seeds"]["sd"] == pytest.approx(0.02)  # the shipped set's seeds
+    assert summary["spread"]["novel"]["across_arms"] is None and summary["verdict"] == "reported"
+    assert summary["arms"]["LM build seed 2"]["test"]["n"] == 1
+    report = {"command": "c", "finished": "now", "wall_seconds": 1.0, "trials": [], "trials_run": 0, "trials_reused": 0,
+              "seeds": [0, 1, 2], "machine": "m", "verdict_rule": "rule", "min_seeds": 5, "claims": {},
+              "factors": {"F1": {"factor": dataclasses.asdict(factor), "summary": summary,
+                                 "trials": reference + builds, "seconds": 6.0}}}
+    text = render_markdown(report)
+    assert "## F1:" in text and "| LM build seed 2 | `seed=2` | [0] | 0.700 (n=1) | – |" in text
+    assert "| spread across the fresh builds | | | 0.700 ± 0.200" in text

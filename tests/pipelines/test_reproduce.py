@@ -96,7 +96,7 @@ def test_a_claim_without_its_switch_is_reported_not_runnable(tmp_path, monkeypat
 def test_arms_are_overrides_of_the_stage_configs_and_chain_by_seed():
     specs, uses = trial_specs(ReproduceConfig(seeds=(0, 1)))
     by_use = {(u["claim"], u["arm"], u["seed"]): specs[u["key"]] for u in uses}
-    assert {c for c, _, _ in by_use} == set(CLAIMS)  # every claim runs
+    assert {c for c, _, _ in by_use} == set(CLAIMS) | {"F1"}  # every claim runs, and the factor
     c3 = by_use["C3", "ITC+ITM", 1]
     assert c3["base"]["loss"]["itg_weight"] == 0 and c3["base"]["seed"] == 1
     assert by_use["C2", "ITC alone", 0] is by_use["C3", "ITC+ITM+ITG", 0]  # shared arms run once
@@ -126,9 +126,17 @@ def test_arms_are_overrides_of_the_stage_configs_and_chain_by_seed():
     stage2 = specs[without["upstream"]]
     assert stage2["backbones"] == build["key"] and stage2["upstream"] == by_use["C3", "ITC+ITM+ITG", 1]["key"]
     assert by_use["C8", "LM without existence", 0]["backbones"] == build["key"]
+    # F1: the shipped set is C5's recipe arm at every seed; each fresh LM build (seeds 1, 2, 3) at training seed 0
+    f1 = {(u["arm"], u["seed"]): specs[u["key"]] for u in uses if u["claim"] == "F1"}
+    assert f1["shipped set", 1] is by_use["C5", "instruction-aware", 1]
+    assert sorted(arm for arm, seed in f1) == ["LM build seed 1", "LM build seed 2", "LM build seed 3"] + ["shipped set"] * 2
+    for b in (1, 2, 3):
+        build_b = specs[f1[f"LM build seed {b}", 0]["backbones"]]
+        assert build_b["base"]["language"]["seed"] == b and not build_b["base"]["language"]["excluded_tasks"]
     # per seed: stage 1 x5 (recipe, no ITG, raw web, CapFilt nucleus, CapFilt beam), stage 2 x3 (recipe, fresh, on
-    # the build), instruct x3 (recipe, instruction-unaware, on the build), CapFilt x2; and the one build
-    assert len({s["key"] for s in specs.values()}) == len(specs) == 2 * (5 + 3 + 3 + 2) + 1
+    # the build), instruct x3 (recipe, instruction-unaware, on the build), CapFilt x2; C8's build; F1's three
+    # builds with a stage 2 and an instruct trial each
+    assert len({s["key"] for s in specs.values()}) == len(specs) == 2 * (5 + 3 + 3 + 2) + 1 + 3 * 3
 
 
 def test_capfilt_and_lm_build_arms_run_on_what_their_own_trials_made(tmp_path):
