@@ -318,38 +318,50 @@ def _finished(trials_dir: Path, spec: dict, resolved: dict) -> bool:
 
 
 def _run_all(specs: dict[str, dict], config: ReproduceConfig, out: Path) -> int:
-    """Run the unfinished trials, stage by stage; each result is written the moment it arrives. Returns
-    how many ran."""
+    """Run the unfinished trials, each once the trials it needs have finished, lowest seed first (a whole
+    seed's chain, CapFilt and builds included, finishes early and shows any fault of a later stage); each
+    result is written the moment it arrives. Returns how many ran."""
     trials_dir = out / "trials"
     resolved = {key: resolved_config(spec, out, config.threads_per_trial) for key, spec in specs.items()}
-    todo = [spec for spec in specs.values() if not _finished(trials_dir, spec, resolved[spec["key"]])]
-    log(f"reproduce: {len(specs)} trials, {len(todo)} to run" + ("" if todo else " (all finished earlier)"))
-    if not todo:
+    waiting = {spec["key"]: spec for spec in specs.values() if not _finished(trials_dir, spec, resolved[spec["key"]])}
+    total = len(waiting)
+    log(f"reproduce: {len(specs)} trials, {total} to run" + ("" if total else " (all finished earlier)"))
+    if not total:
         return 0
     ensure_toyworld(ToyWorldJobConfig(out=str(out / "toyworld"), world=config.world))  # once, before any trial
-    done = 0
+    finished = set(specs) - set(waiting)
     levels = _levels(specs)
+
+    def ready() -> list[dict]:
+        return sorted((s for s in waiting.values() if set(s["after"]) <= finished),
+                      key=lambda s: (s["seed"], levels[s["key"]], s["key"]))
+
+    def record(spec: dict, result: dict) -> None:
+        finished.add(spec["key"])
+        _write(trials_dir, spec, resolved[spec["key"]], result, len(finished) - (len(specs) - total), total)
+
     if config.in_process:
-        for spec in sorted(todo, key=lambda s: levels[s["key"]]):
+        while waiting:
+            spec = waiting.pop(ready()[0]["key"])
             log(f"reproduce: trial {spec['key']} ({spec['stage']}, seed {spec['seed']}) starts")
-            done += 1
-            _write(trials_dir, spec, resolved[spec["key"]],
-                   run_trial(spec["stage"], resolved[spec["key"]], config.threads_per_trial, *_inputs(spec, out)),
-                   done, len(todo))
-        return len(todo)
+            record(spec, run_trial(spec["stage"], resolved[spec["key"]], config.threads_per_trial, *_inputs(spec, out)))
+        return total
     import ray
 
     init_ray()  # RAY_ADDRESS (ray job submit) selects a cluster; otherwise a fresh local instance
     remote = ray.remote(num_cpus=config.cpus_per_trial, scheduling_strategy="SPREAD", max_retries=1)(run_trial)  # Ray
-    for level in sorted({levels[s["key"]] for s in todo}):  # a trial starts once the trials it needs have finished
-        pending = {remote.remote(s["stage"], resolved[s["key"]], config.threads_per_trial, *_inputs(s, out)): s
-                   for s in todo if levels[s["key"]] == level}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)  # Ray
-            spec = pending.pop(ready[0])
-            done += 1
-            _write(trials_dir, spec, resolved[spec["key"]], ray.get(ready[0]), done, len(todo))
-    return len(todo)
+    # as many in flight as the cluster has room for: the next ones are chosen when a slot frees up
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // config.cpus_per_trial))  # Ray
+    pending: dict = {}
+    while waiting or pending:
+        for spec in ready()[: max(0, slots - len(pending))]:
+            del waiting[spec["key"]]
+            pending[remote.remote(spec["stage"], resolved[spec["key"]], config.threads_per_trial,
+                                  *_inputs(spec, out))] = spec
+        done, _ = ray.wait(list(pending), num_returns=1)  # Ray
+        spec = pending.pop(done[0])
+        record(spec, ray.get(done[0]))  # Ray
+    return total
 
 
 def _write(trials_dir: Path, spec: dict, resolved: dict, result: dict, done: int, total: int) -> None:
