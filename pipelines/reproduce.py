@@ -28,6 +28,7 @@ reported as not runnable, with what it needs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -109,6 +110,16 @@ def _key(stage: str, seed: int, hashed) -> str:
     return f"{stage}-seed{seed}-{hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:12]}"
 
 
+@functools.cache
+def backbones_digest(path: str = "") -> str:
+    """One sha256 over every file of a backbone set (``""``: the shipped one): part of each trial's key, so
+    a finished trial is never reused once the backbones it ran on changed (a rebuilt shipped set)."""
+    from blip2.backbones.build import file_digests, find_backbones
+
+    files = file_digests(find_backbones(path or None).root)
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _add_trial(specs: dict, config: ReproduceConfig, stage: str, overrides: Sequence[str], seed: int,
                data: Sequence[str] = (), build: Sequence[str] = ()) -> str:
     """The trial's key, after adding it and every trial it starts from, trains on or runs on to ``specs``."""
@@ -118,7 +129,7 @@ def _add_trial(specs: dict, config: ReproduceConfig, stage: str, overrides: Sequ
     backbones = _add_build(specs, config, build) if build else ""
     base = to_dict(_stage_config(config, stage, overrides, seed, upstream))
     extra = {**({"data": list(data), "capfilt": capfilt} if data else {}), **({"backbones": backbones} if build else {})}
-    key = _key(stage, seed, {**base, **extra})
+    key = _key(stage, seed, {**base, **extra, "backbones_sha256": backbones_digest(base["backbones"])})
     specs.setdefault(key, {"key": key, "stage": stage, "seed": seed, "upstream": upstream, "base": base, "eval": set(),
                            "data": list(data), "capfilt": capfilt, "backbones": backbones,
                            "after": [k for k in (upstream, *capfilt.values(), backbones) if k]})
@@ -133,7 +144,7 @@ def _add_build(specs: dict, config: ReproduceConfig, build: Sequence[str]) -> st
 
     shipped = find_backbones().report()["config"]["language"]
     language = from_dict(LanguagePretrainConfig, apply_overrides(shipped, [*config.build_overrides, *build]))
-    key = _key(f"{BUILD}-lm", language.seed, to_dict(language))
+    key = _key(f"{BUILD}-lm", language.seed, {**to_dict(language), "base_sha256": backbones_digest()})
     specs.setdefault(key, {"key": key, "stage": BUILD, "seed": language.seed, "upstream": "",
                            "base": {"language": to_dict(language)}, "eval": set(), "data": [], "capfilt": {},
                            "backbones": "", "after": []})

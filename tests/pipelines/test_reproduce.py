@@ -262,3 +262,13 @@ def test_trials_spread_over_a_clusters_nodes(tmp_path):
     outcome = json.loads(lines[-1][len("RESULT "):])
     assert outcome["code"] == 0 and sum(outcome["per_node"].values()) == 4
     assert len(outcome["per_node"]) == 2, outcome  # both worker nodes ran trials (the head has no CPU)
+
+
+def test_a_finished_trial_is_not_reused_once_its_backbones_change(monkeypatch):
+    """A trial's key covers the backbone set's files: a rebuilt shipped set makes every trial new."""
+    config = ReproduceConfig(claims=("C3", "C8"), seeds=(0,))
+    before, _ = trial_specs(config)
+    assert reproduce.backbones_digest() == reproduce.backbones_digest("")  # the shipped set, hashed once
+    monkeypatch.setattr(reproduce, "backbones_digest", lambda path="": "another set")
+    after, _ = trial_specs(config)
+    assert len(before) == len(after) and not set(before) & set(after)
