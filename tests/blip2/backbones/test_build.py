@@ -93,6 +93,8 @@ def test_builder_writes_a_complete_loadable_set(tmp_path):
     assert report["provenance"]["sha256"] == file_digests(built.root)
     assert not torch.are_deterministic_algorithms_enabled()  # deterministic mode is the build's only
     Blip2VisionModel.from_pretrained(built.vision)
+    again = build_backbones(config, tmp_path / "again", log=lambda _: None)  # same config, seeds, machine:
+    assert file_digests(again.root) == file_digests(built.root)  # every file byte for byte, weights included
 
 
 def test_missing_set_names_the_build_command(tmp_path):
