@@ -15,8 +15,9 @@ captioned by the seed's stage-2 recipe trial and filtered by its stage-1 recipe 
 ``val`` (``captioner`` and ``filter`` below set the rest). An arm with LM-build overrides (C8) adds one
 build trial: the shipped set with its LMs pretrained afresh under them (``build_overrides`` sets the
 build's budget), which the arm's stage-2 and instruction-tuning trials use. A trial starts once the
-trials it needs have finished. A finished trial is written to ``<out>/trials/<key>.json`` at once and never run again:
-its key is the stage, the seed and a hash of its whole training config (with its upstream trial's key),
+trials it needs have finished, lowest seed first. A finished trial is written to
+``<out>/trials/<key>.json`` at once and never run again: its key is the stage, the seed and a hash of its
+whole training config, the keys of the trials it needs and the sha256 of the backbone files it runs on,
 so an interrupted run resumes where it stopped and arms that claims share run once (a trial whose
 evaluation sets grew, because a claim was added, runs again). At the end
 ``claims.json`` and ``CLAIMS.md`` (per claim: each arm's per-seed values, mean, sd and 95% CI on `test`
@@ -45,15 +46,13 @@ from blip2.config import ConfigError, apply_overrides, from_dict, load_config, t
 from blip2.toyworld.corpus import ToyWorldConfig
 from blip2.training.config import EvalSet
 from blip2.training.tasks import MODEL_DIR, TASKS
-from blip2.training.trials import capfilt_decoding
+from blip2.training.trials import KEPT_FILE, capfilt_decoding
 from pipelines.common import CONFIG_DIR, init_ray, job_parser, log, parse_config, quiet_progress_bars
 from pipelines.demo_record import commit
 from pipelines.toyworld import ToyWorldJobConfig, ensure_toyworld
 
 STAGE_YAML = {"stage1": "stage1_toy.yaml", "stage2": "stage2_toy.yaml", "instruct": "instruct_toy.yaml"}
-CAPFILT = "capfilt"  # a CapFilt trial's stage: no training, its kept web captions (kept.json)
-BUILD = "backbones"  # a build trial's stage: a backbone set with its LMs pretrained afresh
-KEPT_FILE = "kept.json"
+CAPFILT, BUILD = "capfilt", "backbones"  # the stages of CapFilt and build trials (blip2/training/trials.py)
 UPSTREAM = {"stage2": ("stage1", "stage1"), "instruct": ("stage2", "stage2")}  # stage -> (its stage before, field)
 QUICK = ("out=runs/reproduce-quick", "claims_dir=", "seeds=[0,1]", "claims=[C2,C3]", "in_process=true",
          "world.web_size=0", "world.clean_size=128", "world.val_size=8", "world.test_size=24", "world.novel_size=24",
@@ -221,58 +220,17 @@ def _where() -> str:
     return "local"
 
 
-def run_capfilt_trial(resolved: dict, threads: int) -> dict:
-    """A CapFilt trial wherever it runs: :func:`blip2.training.trials.run_capfilt` over the web split,
-    its kept captions to ``<output>/kept.json``. Returns its report, seconds and where it ran."""
-    import torch
-
-    from blip2.training.trials import run_capfilt
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        start = time.perf_counter()
-        result = run_capfilt(from_dict(ToyWorldConfig, resolved["world"]),
-                             from_dict(CaptionerConfig, resolved["captioner"]), from_dict(FilterConfig, resolved["filter"]),
-                             resolved["seed"], log=lambda line: log(f"[{Path(resolved['output']).name}] {line}"))
-    finally:
-        torch.set_num_threads(previous)
-    output = Path(resolved["output"])
-    output.mkdir(parents=True, exist_ok=True)
-    (output / KEPT_FILE).write_text(json.dumps(result["kept"]) + "\n")
-    return {"benchmarks": {}, "capfilt": result["report"], "seconds": time.perf_counter() - start,
-            "node": _where(), "pid": os.getpid()}
-
-
-def run_build_trial(resolved: dict, threads: int) -> dict:
-    """A build trial wherever it runs: the shipped set with its LMs pretrained afresh, into ``output``
-    (:func:`blip2.backbones.build.build_language_variant`). Returns the LMs' quality, seconds and where."""
-    import torch
-
-    from blip2.backbones.build import build_language_variant, find_backbones
-    from blip2.backbones.language import LanguagePretrainConfig
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        start = time.perf_counter()
-        built = build_language_variant(find_backbones(), from_dict(LanguagePretrainConfig, resolved["language"]),
-                                       resolved["output"], log=lambda line: log(f"[{Path(resolved['output']).name}] {line}"))
-    finally:
-        torch.set_num_threads(previous)
-    return {"benchmarks": {}, "backbones": built.report()["quality"], "seconds": time.perf_counter() - start,
-            "node": _where(), "pid": os.getpid()}
-
-
 def run_trial(stage: str, resolved: dict, threads: int, data: Sequence[str] = (),
               kept: dict[str, str] | None = None) -> dict:
     """One trial wherever it runs (a Ray worker or this process): train on ``data`` (default: the config's
     ``train_split``; ``kept``: the CapFilt trials' kept.json by decoding), export, score every eval set
     with blip2 evaluate's code in this process. Returns its figures, seconds and where it ran."""
-    if stage == CAPFILT:
-        return run_capfilt_trial(resolved, threads)
-    if stage == BUILD:
-        return run_build_trial(resolved, threads)
+    if stage in (CAPFILT, BUILD):
+        from blip2.training.trials import build_trial, capfilt_trial
+
+        run = capfilt_trial if stage == CAPFILT else build_trial
+        trial_log = lambda line: log(f"[{Path(resolved['output']).name}] {line}")  # noqa: E731
+        return {**run(resolved, threads, trial_log), "node": _where(), "pid": os.getpid()}
     import torch
 
     from blip2.training.trials import train_trial

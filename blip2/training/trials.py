@@ -22,15 +22,19 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from blip2.backbones.build import build_language_variant, find_backbones
+from blip2.backbones.language import LanguagePretrainConfig
 from blip2.capfilt.calibrate import calibrate
 from blip2.capfilt.config import CaptionerConfig, FilterConfig
 from blip2.capfilt.models import KEPT, CaptionFilter, Captioner, decode_list
 from blip2.capfilt.records import OK
+from blip2.config import from_dict
 from blip2.metrics import filter_precision_recall
 from blip2.toyworld.corpus import ToyWorldConfig, generate_split
 from blip2.toyworld.world import decode_image
@@ -41,6 +45,7 @@ from blip2.training.loop import train_locally
 from blip2.training.tasks import Stage1Task, TrainingTask
 
 CAPFILT_SOURCE = "capfilt:"  # + the captioner's decoding (nucleus or beam)
+KEPT_FILE = "kept.json"  # a CapFilt trial's kept captions, by web record key
 _ENCODE_BATCH = 256
 _SOURCES: dict[tuple, dict[str, np.ndarray]] = {}  # (world, source, kept captions, encoder or None) -> columns
 
@@ -161,3 +166,40 @@ def run_capfilt(world: ToyWorldConfig, captioner: CaptionerConfig, scorer: Filte
               "web_filter_quality": filter_precision_recall(flagged, wrong),
               "seconds": round(time.perf_counter() - start, 1)}
     return {"kept": kept, "report": report}
+
+
+def _with_threads(threads: int, work: Callable[[], dict]) -> dict:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        start = time.perf_counter()
+        return {**work(), "seconds": time.perf_counter() - start}
+    finally:
+        torch.set_num_threads(previous)
+
+
+def capfilt_trial(resolved: Mapping, threads: int, log: Callable[[str], None] = print) -> dict:
+    """A CapFilt trial (``blip2 reproduce``): :func:`run_capfilt` with ``resolved``'s world, captioner,
+    filter and seed on ``threads`` torch threads; its kept captions go to ``<output>/kept.json``.
+    Returns ``{"benchmarks": {}, "capfilt": report, "seconds"}``."""
+    def work() -> dict:
+        result = run_capfilt(from_dict(ToyWorldConfig, resolved["world"]), from_dict(CaptionerConfig, resolved["captioner"]),
+                             from_dict(FilterConfig, resolved["filter"]), resolved["seed"], log=log)
+        output = Path(resolved["output"])
+        output.mkdir(parents=True, exist_ok=True)
+        (output / KEPT_FILE).write_text(json.dumps(result["kept"]) + "\n")
+        return {"benchmarks": {}, "capfilt": result["report"]}
+
+    return _with_threads(threads, work)
+
+
+def build_trial(resolved: Mapping, threads: int, log: Callable[[str], None] = print) -> dict:
+    """A build trial (``blip2 reproduce``): the shipped set with its LMs pretrained afresh under
+    ``resolved["language"]`` into ``resolved["output"]`` (:func:`blip2.backbones.build.build_language_variant`).
+    Returns ``{"benchmarks": {}, "backbones": the LMs' quality, "seconds"}``."""
+    def work() -> dict:
+        built = build_language_variant(find_backbones(), from_dict(LanguagePretrainConfig, resolved["language"]),
+                                       resolved["output"], log=log)
+        return {"benchmarks": {}, "backbones": built.report()["quality"]}
+
+    return _with_threads(threads, work)
