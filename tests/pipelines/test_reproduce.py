@@ -272,3 +272,21 @@ def test_a_finished_trial_is_not_reused_once_its_backbones_change(monkeypatch):
     monkeypatch.setattr(reproduce, "backbones_digest", lambda path="": "another set")
     after, _ = trial_specs(config)
     assert len(before) == len(after) and not set(before) & set(after)
+
+
+def test_the_full_runs_stage1_recipe_is_the_demos():
+    """reproduce.yaml's budgets are the demo's (chosen on val): its stage-1 recipe trial trains exactly as the
+    demo's stage 1 does, whatever it is loaded over (stage1_toy.yaml), but for where it writes."""
+    from blip2.config import load_config, to_dict
+    from pipelines.demo import demo_stage1
+
+    config = load_config(ReproduceConfig, reproduce.CONFIG_DIR / "reproduce.yaml")
+    assert len(config.seeds) >= config.min_seeds == 5
+    specs, uses = trial_specs(config)
+    recipe = specs[next(u["key"] for u in uses if (u["claim"], u["arm"], u["seed"]) == ("C3", "ITC+ITM+ITG", 0))]
+    ignored = {"name", "storage_path", "toyworld", "eval", "checkpoint_every"}
+    demo = to_dict(demo_stage1())
+    assert json.loads(json.dumps({k: v for k, v in recipe["base"].items() if k not in ignored})) == json.loads(
+        json.dumps({k: v for k, v in demo.items() if k not in ignored}))
+    stage2 = specs[next(u["key"] for u in uses if (u["claim"], u["arm"]) == ("C4", "from stage 1"))]
+    assert stage2["base"]["optim"]["max_steps"] == 120
