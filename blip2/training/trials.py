@@ -47,7 +47,7 @@ from blip2.training.tasks import Stage1Task, TrainingTask
 CAPFILT_SOURCE = "capfilt:"  # + the captioner's decoding (nucleus or beam)
 KEPT_FILE = "kept.json"  # a CapFilt trial's kept captions, by web record key
 _ENCODE_BATCH = 256
-_SOURCES: dict[tuple, dict[str, np.ndarray]] = {}  # (world, source, kept captions, encoder or None) -> columns
+_SPLITS: dict[tuple, dict[str, np.ndarray]] = {}  # (world, split, encoder or None) -> columns, for this process
 
 
 def capfilt_decoding(source: str) -> str | None:
@@ -57,29 +57,32 @@ def capfilt_decoding(source: str) -> str | None:
 
 def _source_columns(world: ToyWorldConfig, source: str, kept: Mapping[str, Sequence[str]] | None,
                     encoder_path: str | None) -> dict[str, np.ndarray]:
-    """One source's records as columns: ``jpg`` (uint8 images) or ``image_embeds`` (the frozen encoder's
-    features, with ``encoder_path``), and ``captions_json`` (each record's captions as JSON text)."""
-    kept_key = json.dumps(kept, sort_keys=True) if kept is not None else None
-    key = (world, source, kept_key, encoder_path)
-    if key not in _SOURCES:
-        decoding = capfilt_decoding(source)
-        records = generate_split(world, "web" if decoding else source)  # test / novel raise (selection guard)
-        if decoding:
-            if kept is None:
-                raise ValueError(f"source {source!r} needs the CapFilt step's kept captions")
-            records = [r for r in records if kept.get(r.key)]
-            texts = {CAPTIONS_JSON: np.array([json.dumps(list(kept[r.key])) for r in records], dtype=object)}
-        else:
-            texts = {"txt": np.array([r.alt_text for r in records], dtype=object)}
-        # the Ray path's validation: a record without a usable caption (web junk) or image is skipped
-        columns = training_records({"jpg": np.array([r.image for r in records], dtype=object), **texts})
-        if encoder_path is not None and len(columns[CAPTIONS_JSON]):
-            encoder = FrozenImageEncoder(encoder_path)
-            embeds = [encoder({"image": columns["image"][s : s + _ENCODE_BATCH]})["image_embeds"]
-                      for s in range(0, len(columns["image"]), _ENCODE_BATCH)]
-            columns = {"image_embeds": np.concatenate(embeds), CAPTIONS_JSON: columns[CAPTIONS_JSON]}
-        _SOURCES[key] = columns
-    return _SOURCES[key]
+    """One source's records as columns: ``image`` (decoded uint8 images) or ``image_embeds`` (the frozen
+    encoder's features, with ``encoder_path``), and ``captions_json`` (each record's captions as JSON text).
+    A split's columns are kept for the next trial in this process (every trial of a stage reads ``clean``);
+    a CapFilt output's, read by one trial, are not."""
+    decoding = capfilt_decoding(source)
+    key = (world, source, encoder_path)
+    if decoding is None and key in _SPLITS:
+        return _SPLITS[key]
+    records = generate_split(world, "web" if decoding else source)  # test / novel raise (selection guard)
+    if decoding:
+        if kept is None:
+            raise ValueError(f"source {source!r} needs the CapFilt step's kept captions")
+        records = [r for r in records if kept.get(r.key)]
+        texts = {CAPTIONS_JSON: np.array([json.dumps(list(kept[r.key])) for r in records], dtype=object)}
+    else:
+        texts = {"txt": np.array([r.alt_text for r in records], dtype=object)}
+    # the Ray path's validation: a record without a usable caption (web junk) or image is skipped
+    columns = training_records({"jpg": np.array([r.image for r in records], dtype=object), **texts})
+    if encoder_path is not None and len(columns[CAPTIONS_JSON]):
+        encoder = FrozenImageEncoder(encoder_path)
+        embeds = [encoder({"image": columns["image"][s : s + _ENCODE_BATCH]})["image_embeds"]
+                  for s in range(0, len(columns["image"]), _ENCODE_BATCH)]
+        columns = {"image_embeds": np.concatenate(embeds), CAPTIONS_JSON: columns[CAPTIONS_JSON]}
+    if decoding is None:
+        _SPLITS[key] = columns
+    return columns
 
 
 def training_columns(task: TrainingTask, sources: Sequence[str] = (),
