@@ -136,7 +136,6 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in (
 )}
 
 
-
 @dataclass(frozen=True)
 class Factor:
     """Not a claim: how far one setting moves a figure, beside the training seeds' spread. The first arm

@@ -231,16 +231,12 @@ def run_trial(stage: str, resolved: dict, threads: int, data: Sequence[str] = ()
         run = capfilt_trial if stage == CAPFILT else build_trial
         trial_log = lambda line: log(f"[{Path(resolved['output']).name}] {line}")  # noqa: E731
         return {**run(resolved, threads, trial_log), "node": _where(), "pid": os.getpid()}
-    import torch
-
-    from blip2.training.trials import train_trial
+    from blip2.training.trials import torch_threads, train_trial
     from pipelines.train_eval import evaluate_training_output
 
     config_cls, task_cls = TASKS[stage]
     config = from_dict(config_cls, resolved)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):  # training and scoring
         start = time.perf_counter()
         task = task_cls(config)
 
@@ -256,8 +252,6 @@ def run_trial(stage: str, resolved: dict, threads: int, data: Sequence[str] = ()
         trained = time.perf_counter()
         benchmarks = evaluate_training_output(config, config.output / MODEL_DIR, str(task.backbones.qformer_tokenizer),
                                               str(task.backbones.vision), num_actors=0)
-    finally:
-        torch.set_num_threads(previous)
     return {"benchmarks": benchmarks, "final_losses": history[-1], "seconds": time.perf_counter() - start,
             "train_seconds": trained - start, "node": _where(), "pid": os.getpid()}
 

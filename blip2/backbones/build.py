@@ -122,6 +122,10 @@ def find_backbones(path: str | Path | None = None) -> ToyBackbones:
     return ToyBackbones(root)
 
 
+# the toy LMs: (directory, pretraining function, transformers loader)
+LANGUAGE_MODELS = (("opt", pretrain_causal_lm, AutoModelForCausalLM), ("t5", pretrain_seq2seq_lm, AutoModelForSeq2SeqLM))
+
+
 def _split_images(config: ToyWorldConfig, split: str) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
     records = generate_split(config, split)
     images = np.stack([decode_image(r.image) for r in records])
@@ -143,7 +147,7 @@ def evaluate_backbones(backbones: ToyBackbones, toyworld_seed: int = 0, probe_tr
     world = ToyWorldConfig(seed=toyworld_seed, image_size=image_size)
     probe = linear_probe(vision, train, {s: _split_images(world, s) for s in ("test", "novel")}, probe_steps, seed)
     report = {"vision": {"probe": probe}}
-    for name, loader in (("opt", AutoModelForCausalLM), ("t5", AutoModelForSeq2SeqLM)):
+    for name, _, loader in LANGUAGE_MODELS:
         model = loader.from_pretrained(getattr(backbones, name)).eval()
         tokenizer = AutoTokenizer.from_pretrained(getattr(backbones, name))
         report[name] = evaluate_language_model(model, tokenizer, all_attributes(), seed=seed + 1000)
@@ -184,6 +188,23 @@ def _deterministic():
         torch.use_deterministic_algorithms(before)
 
 
+@contextlib.contextmanager
+def _staged(out: Path):
+    """A temporary sibling of ``out`` to build in, renamed into place when the block ends without error and
+    removed when it fails: a crash never leaves a half-built set that a later run would take for finished."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        yield staging
+        if out.exists():
+            shutil.rmtree(out)
+        staging.chmod(0o755)  # mkdtemp makes it private; a built set is meant to be shared
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 @_deterministic()
 def build_backbones(config: BackbonesConfig, out: str | Path, log: Callable[[str], None] = print) -> ToyBackbones:
     """Pretrain the three backbones and both tokenizers from scratch into ``out``; returns their paths.
@@ -198,10 +219,8 @@ def build_backbones(config: BackbonesConfig, out: str | Path, log: Callable[[str
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     timings: dict[str, float] = {}
-    try:
+    with _staged(out) as staging:
         texts = vocabulary_text()
         build_qformer_tokenizer(texts).save_pretrained(staging / "qformer_tokenizer")
         lm_tokenizer = build_lm_tokenizer(texts)
@@ -216,7 +235,7 @@ def build_backbones(config: BackbonesConfig, out: str | Path, log: Callable[[str
         ).save_pretrained(staging / "vision")
         timings["vision"] = time.perf_counter() - start
 
-        for name, pretrain in (("opt", pretrain_causal_lm), ("t5", pretrain_seq2seq_lm)):
+        for name, pretrain, _ in LANGUAGE_MODELS:
             start = time.perf_counter()
             log(f"pretraining the {'decoder-only' if name == 'opt' else 'encoder-decoder'} LM ({name})")
             model = pretrain(config.language, lm_tokenizer, all_attributes(), log)
@@ -238,17 +257,7 @@ def build_backbones(config: BackbonesConfig, out: str | Path, log: Callable[[str
             "provenance": _provenance(config, staging),
         }
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.chmod(0o755)  # mkdtemp makes it private; a built set is meant to be shared
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ToyBackbones(out)
-
-
-LANGUAGE_MODELS = (("opt", pretrain_causal_lm, AutoModelForCausalLM), ("t5", pretrain_seq2seq_lm, AutoModelForSeq2SeqLM))
 
 
 @_deterministic()
@@ -261,9 +270,7 @@ def build_language_variant(base: ToyBackbones, language: LanguagePretrainConfig,
     LMs' quality and the provenance. Written to a staging sibling and renamed into place, as
     :func:`build_backbones` does."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with _staged(out) as staging:
         for part in ("vision", "qformer_tokenizer"):
             shutil.copytree(base.root / part, staging / part)
         tokenizer = AutoTokenizer.from_pretrained(base.opt)  # the same vocabulary: only the pretraining text differs
@@ -280,13 +287,6 @@ def build_language_variant(base: ToyBackbones, language: LanguagePretrainConfig,
         report = {"base": str(base.root), "config": {"language": asdict(language)}, "quality": quality,
                   "train_seconds": timings, "provenance": _provenance(BackbonesConfig(language=language), staging)}
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.chmod(0o755)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ToyBackbones(out)
 
 

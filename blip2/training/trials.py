@@ -18,6 +18,7 @@ alt-text among them when it passed the filter).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -48,6 +49,17 @@ CAPFILT_SOURCE = "capfilt:"  # + the captioner's decoding (nucleus or beam)
 KEPT_FILE = "kept.json"  # a CapFilt trial's kept captions, by web record key
 _ENCODE_BATCH = 256
 _SPLITS: dict[tuple, dict[str, np.ndarray]] = {}  # (world, split, encoder or None) -> columns, for this process
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """torch's intra-op threads set to ``threads`` for the block, restored after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def capfilt_decoding(source: str) -> str | None:
@@ -111,9 +123,7 @@ def train_trial(task: TrainingTask, threads: int = 1,
     epoch's record order is drawn from the config's seed (the last partial batch is dropped). Returns the
     model (in eval mode) and the loss history."""
     config = task.config
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         columns = training_columns(task, sources, kept)
         size, count = config.optim.batch_size, len(columns[CAPTIONS_JSON])
 
@@ -123,8 +133,6 @@ def train_trial(task: TrainingTask, threads: int = 1,
                     for s in range(0, count - size + 1, size)]
 
         return train_locally(task, epoch_batches, on_step=on_step)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def run_capfilt(world: ToyWorldConfig, captioner: CaptionerConfig, scorer: FilterConfig, seed: int,
@@ -171,14 +179,10 @@ def run_capfilt(world: ToyWorldConfig, captioner: CaptionerConfig, scorer: Filte
     return {"kept": kept, "report": report}
 
 
-def _with_threads(threads: int, work: Callable[[], dict]) -> dict:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+def _timed(threads: int, work: Callable[[], dict]) -> dict:
+    with torch_threads(threads):
         start = time.perf_counter()
         return {**work(), "seconds": time.perf_counter() - start}
-    finally:
-        torch.set_num_threads(previous)
 
 
 def capfilt_trial(resolved: Mapping, threads: int, log: Callable[[str], None] = print) -> dict:
@@ -193,7 +197,7 @@ def capfilt_trial(resolved: Mapping, threads: int, log: Callable[[str], None] = 
         (output / KEPT_FILE).write_text(json.dumps(result["kept"]) + "\n")
         return {"benchmarks": {}, "capfilt": result["report"]}
 
-    return _with_threads(threads, work)
+    return _timed(threads, work)
 
 
 def build_trial(resolved: Mapping, threads: int, log: Callable[[str], None] = print) -> dict:
@@ -205,4 +209,4 @@ def build_trial(resolved: Mapping, threads: int, log: Callable[[str], None] = pr
                                        resolved["output"], log=log)
         return {"benchmarks": {}, "backbones": built.report()["quality"]}
 
-    return _with_threads(threads, work)
+    return _timed(threads, work)
