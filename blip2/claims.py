@@ -254,13 +254,23 @@ def _fmt(stat: Mapping | None) -> str:
     return f"{stat['mean']:.3f} ± {stat['sd']:.3f} [{stat['ci'][0]:.3f}, {stat['ci'][1]:.3f}] (n={stat['n']})"
 
 
+def _wall_lines(report: Mapping) -> list[str]:
+    """A resumed run's whole wall time, invocation by invocation (empty for a run in one invocation)."""
+    invocations = report.get("invocations") or []
+    if len(invocations) < 2:
+        return []
+    parts = [f"{i['started']}: {i['wall_seconds']:.0f} s, {i['trials_run']} trials run" for i in invocations]
+    return [f"The whole run, over {len(invocations)} invocations (a stopped run resumes: finished trials are kept, "
+            f"those in flight rerun): **{report['total_wall_seconds']:.0f} s** of wall time ({'; '.join(parts)}).", ""]
+
+
 def render_markdown(report: Mapping) -> str:
     """``CLAIMS.md`` from a ``claims.json`` report (``pipelines/reproduce.py`` writes both)."""
     lines = ["# The papers' claims, reproduced in the toy world", "",
              f"Written by `{report['command']}` on {report['finished']} in {report['wall_seconds']:.0f} s "
              f"({len(report['trials'])} trials: {report['trials_run']} run, {report['trials_reused']} reused "
              f"from an earlier run). Seeds {report['seeds']} (listed in the config before the run); "
-             f"machine: {report['machine']}.", "",
+             f"machine: {report['machine']}.", "", *_wall_lines(report),
              f"Code: commit {report.get('commit', 'unknown')}; the trials ran at "
              f"{', '.join(report.get('trial_commits', ['unknown']))} (a resumed run may span commits).", "",
              f"Verdict rule (fixed before the run): {report['verdict_rule']}. `min_seeds` = {report['min_seeds']}.",

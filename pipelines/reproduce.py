@@ -339,9 +339,25 @@ def _write(trials_dir: Path, spec: dict, resolved: dict, result: dict, done: int
         f"on {result['node'][:8]}")
 
 
+INVOCATIONS = "invocations.jsonl"  # in out/: one line per `blip2 reproduce` run over it
+
+
+def record_invocation(out: Path, started: float, wall: float, ran: int) -> list[dict]:
+    """Add this invocation to ``<out>/invocations.jsonl`` and return every one so far: a resumed run's wall
+    time is the sum of its invocations' (the trials of a stopped one are kept, the ones in flight rerun)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / INVOCATIONS
+    line = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)), "wall_seconds": round(wall, 1),
+            "trials_run": ran, "commit": commit()}
+    with path.open("a") as stream:
+        stream.write(json.dumps(line) + "\n")
+    return [json.loads(text) for text in path.read_text().splitlines() if text.strip()]
+
+
 def report(config: ReproduceConfig, specs: dict, uses: list[dict], out: Path, command: str, wall: float,
-           ran: int) -> dict:
-    """``claims.json``: the run, and per claim its arms, every trial's values, the summary and verdict."""
+           ran: int, invocations: Sequence[dict] = ()) -> dict:
+    """``claims.json``: the run, and per claim its arms, every trial's values, the summary and verdict;
+    ``invocations``: every run over ``out`` (this one last), whose wall times sum to the whole run's."""
     records = {key: json.loads((out / "trials" / f"{key}.json").read_text()) for key in specs}
 
     def chain(key: str) -> set[str]:  # a trial and every trial it started from or trained on
@@ -371,7 +387,9 @@ def report(config: ReproduceConfig, specs: dict, uses: list[dict], out: Path, co
                             **({"capfilt": capfilt} if capfilt else {}), **({"builds": builds} if builds else {})}
     return {"command": command, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit(),
             "trial_commits": sorted({r.get("commit", "unknown") for r in records.values()}),
-            "wall_seconds": wall, "seeds": list(config.seeds), "min_seeds": config.min_seeds,
+            "wall_seconds": wall, "invocations": list(invocations),
+            "total_wall_seconds": sum(i["wall_seconds"] for i in invocations) if invocations else wall,
+            "seeds": list(config.seeds), "min_seeds": config.min_seeds,
             "verdict_rule": VERDICT_RULE, "trials": sorted(specs), "trials_run": ran, "trials_reused": len(specs) - ran,
             "machine": f"{platform.machine()}, {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f} at the end",
             "config": to_dict(config), "claims": claims, "factors": factors}
@@ -388,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     config, _ = parse_config(parser, ReproduceConfig, argv, adjust)
     quiet_progress_bars()
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
     out = Path(config.out).resolve()  # Ray workers do not run in this directory
     try:
         specs, uses = trial_specs(config)
@@ -396,7 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     ran = _run_all(specs, config, out)
     command = "blip2 reproduce " + " ".join(list(argv) if argv is not None else sys.argv[1:])
-    result = report(config, specs, uses, out, command.strip(), time.perf_counter() - start, ran)
+    wall = time.perf_counter() - start
+    invocations = record_invocation(out, started, wall, ran)
+    result = report(config, specs, uses, out, command.strip(), wall, ran, invocations)
     for directory in {out, *([Path(config.claims_dir)] if config.claims_dir else [])}:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "claims.json").write_text(json.dumps(result, indent=2) + "\n")

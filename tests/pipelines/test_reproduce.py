@@ -49,7 +49,13 @@ def test_quick_run_reports_every_trial_and_resumes(tmp_path, monkeypatch, capsys
     assert reproduce.main(["--quick", f"out={out}"]) == 0  # resumed: nothing left to run
     assert "4 trials, 0 to run" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (out / "trials").glob("*.json")} == before
-    assert json.loads((out / "claims.json").read_text())["trials_reused"] == 4
+    resumed = json.loads((out / "claims.json").read_text())
+    assert resumed["trials_reused"] == 4
+    # the whole run's wall time is its invocations' sum: the first trained everything, the second nothing
+    assert [i["trials_run"] for i in resumed["invocations"]] == [4, 0]
+    assert resumed["total_wall_seconds"] == pytest.approx(sum(i["wall_seconds"] for i in resumed["invocations"]))
+    assert resumed["total_wall_seconds"] >= claims["wall_seconds"] - 0.1
+    assert "over 2 invocations" in (out / "CLAIMS.md").read_text()
 
 
 @pytest.mark.slow
