@@ -115,3 +115,30 @@ def test_the_readme_capfilt_table_is_the_committed_bootstrap_record_and_the_toy_
                                                         "| 0.123 | 0.456 |", 1))
     monkeypatch.setattr(module, "README", readme)
     assert module.main(["--check"]) == 1 and "capfilt_bootstrap.json" in capsys.readouterr().err
+
+
+def test_the_readme_claims_table_is_the_committed_full_reproduce_run(tmp_path, monkeypatch, capsys):
+    """benchmarks/claims.json is one full `blip2 reproduce` run (every claim, at least min_seeds seeds per
+    arm, every trial listed); CLAIMS.md is its rendering and the README's claims table its summary."""
+    from blip2.claims import CLAIMS, render_markdown
+
+    module = load()
+    record = json.loads(module.CLAIMS_RUN.read_text())
+    assert (ROOT / "benchmarks" / "CLAIMS.md").read_text() == render_markdown(record)
+    assert list(record["claims"]) == list(CLAIMS) and len(record["seeds"]) >= record["min_seeds"] >= 5
+    assert "--quick" not in record["command"]
+    for claim_id, entry in record["claims"].items():
+        assert entry["runnable"], claim_id
+        for arm in entry["claim"]["arms"]:
+            seeds = {t["seed"] for t in entry["trials"] if t["arm"] == arm["name"]}
+            assert seeds == set(record["seeds"]), (claim_id, arm["name"])
+    block = module.claims_block(record)
+    assert block in module.README.read_text()
+    for claim_id, entry in record["claims"].items():  # a row per claim, with its verdict
+        assert any(row.startswith(f"| {claim_id}: ") and f"**{entry['summary']['verdict']}**" in row
+                   for row in block.splitlines())
+    first = next(iter(record["claims"].values()))["summary"]["verdict"]
+    readme = tmp_path / "README.md"
+    readme.write_text(module.README.read_text().replace(f"**{first}**", "**holds, trust me**", 1))
+    monkeypatch.setattr(module, "README", readme)
+    assert module.main(["--check"]) == 1 and "claims.json" in capsys.readouterr().err

@@ -18,6 +18,8 @@ def test_training_job_submits_and_succeeds(head, tmp_path):
                     "world.test_size=32", "world.novel_size=10", "model.hidden_size=64", "model.num_layers=1",
                     "model.num_query_tokens=4", "optim.batch_size=16", "optim.warmup_steps=1", "optim.max_steps=3",
                     "checkpoint_every=3", "scaling.cpus_per_worker=0.5", "name=submitted",
+                    # from pixels: the feature cache's pass (~18 s of this test's ~64) is the in-process tests'
+                    "feature_cache=false",
                     # one small set, not the toy config's test + novel at 100 images each (an actor pool each)
                     "eval=[{task: coco_retrieval, split: test, limit: 16}]")
     assert "[stage1] done" in output  # the job's own progress lines reach `ray job submit`
