@@ -28,7 +28,10 @@ def tiny(out, port) -> list[str]:
             # 32 images (192 captions), not the config's 100: ITM re-ranks each query's top 16, and at 100 the
             # three runs' scoring took about a minute of the test
             "bootstrap_filter.eval=[{task: coco_retrieval, split: test, limit: 32}]",
-            "stage1.eval=[{task: coco_retrieval, split: test, limit: 32}]"]
+            "stage1.eval=[{task: coco_retrieval, split: test, limit: 32}]",
+            # 4 steps of 16 from pixels, not a feature cache over every record first (the demo's configs cache;
+            # the cache itself is tested in test_train.py)
+            "bootstrap_filter.feature_cache=false", "stage1.feature_cache=false"]
     for section, steps in TRAIN_STEPS.items():
         args += [f"{section}.optim.max_steps={steps}", f"{section}.optim.warmup_steps=1",
                  f"{section}.optim.batch_size=16", f"{section}.checkpoint_every={steps}",
