@@ -11,6 +11,7 @@ from blip2.claims import CLAIMS
 from blip2.toyworld.selection import SelectionError
 from pipelines import cli, reproduce
 from pipelines.reproduce import ReproduceConfig, trial_specs
+from tests.benchmarks import load_script
 
 
 def test_quick_run_reports_every_trial_and_resumes(tmp_path, monkeypatch, capsys):
@@ -43,6 +44,13 @@ def test_quick_run_reports_every_trial_and_resumes(tmp_path, monkeypatch, capsys
     text = (out / "CLAIMS.md").read_text()
     assert "Verdict: not enough seeds" in text and "Every trial" in text and "`loss.itg_weight=0`" in text
     assert not (tmp_path / "benchmarks").exists()
+
+    # benchmarks/claims_val.py scores the same trials' models on `val` (the evidence for a claim that does not
+    # hold on `test`), per arm and seed, with the paired difference; it trains and changes nothing
+    val = load_script("claims_val").run(out, ["C3"], tmp_path / "claims_val.json")["claims"]["C3"]
+    assert {arm: sorted(v) for arm, v in val["per_seed"].items()} == {"ITC+ITM+ITG": [0, 1], "ITC+ITM": [0, 1]}
+    assert all(0 <= x <= 1 for v in val["per_seed"].values() for x in v.values()) and val["difference"]["n"] == 2
+    assert json.loads((tmp_path / "claims_val.json").read_text())["split"] == "val"
 
     before = {p.name: p.stat().st_mtime_ns for p in (out / "trials").glob("*.json")}
     capsys.readouterr()
