@@ -261,7 +261,9 @@ def _wall_lines(report: Mapping) -> list[str]:
     invocations = report.get("invocations") or []
     if len(invocations) < 2:
         return []
-    parts = [f"{i['started']}: {i['wall_seconds']:.0f} s, {i['trials_run']} trials run" for i in invocations]
+    parts = [f"{i['started']}: {i['wall_seconds']:.0f} s, {i['trials_run']} trials run"
+             + ("" if i.get("finished", True) else ", stopped (the time to its last finished trial)")
+             for i in invocations]
     return [f"The whole run, over {len(invocations)} invocations (a stopped run resumes: finished trials are kept, "
             f"those in flight rerun): **{report['total_wall_seconds']:.0f} s** of wall time ({'; '.join(parts)}).", ""]
 

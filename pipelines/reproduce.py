@@ -36,7 +36,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -280,10 +280,12 @@ def _finished(trials_dir: Path, spec: dict, resolved: dict) -> bool:
     return json.loads(path.read_text())["config"] == json.loads(json.dumps(resolved))  # as JSON stores it
 
 
-def _run_all(specs: dict[str, dict], config: ReproduceConfig, out: Path) -> int:
+def _run_all(specs: dict[str, dict], config: ReproduceConfig, out: Path,
+             progress: Callable[[int], None] = lambda ran: None) -> int:
     """Run the unfinished trials, each once the trials it needs have finished, lowest seed first (a whole
     seed's chain, CapFilt and builds included, finishes early and shows any fault of a later stage); each
-    result is written the moment it arrives. Returns how many ran."""
+    result is written the moment it arrives, then ``progress(trials run so far)`` is called. Returns how
+    many ran."""
     trials_dir = out / "trials"
     resolved = {key: resolved_config(spec, out, config.threads_per_trial) for key, spec in specs.items()}
     waiting = {spec["key"]: spec for spec in specs.values() if not _finished(trials_dir, spec, resolved[spec["key"]])}
@@ -302,6 +304,7 @@ def _run_all(specs: dict[str, dict], config: ReproduceConfig, out: Path) -> int:
     def record(spec: dict, result: dict) -> None:
         finished.add(spec["key"])
         _write(trials_dir, spec, resolved[spec["key"]], result, len(finished) - (len(specs) - total), total)
+        progress(len(finished) - (len(specs) - total))
 
     if config.in_process:
         while waiting:
@@ -339,19 +342,30 @@ def _write(trials_dir: Path, spec: dict, resolved: dict, result: dict, done: int
         f"on {result['node'][:8]}")
 
 
-INVOCATIONS = "invocations.jsonl"  # in out/: one line per `blip2 reproduce` run over it
+INVOCATIONS = "invocations.jsonl"  # in out/: one line per `blip2 reproduce` run over it that had trials to run
 
 
-def record_invocation(out: Path, started: float, wall: float, ran: int) -> list[dict]:
-    """Add this invocation to ``<out>/invocations.jsonl`` and return every one so far: a resumed run's wall
-    time is the sum of its invocations' (the trials of a stopped one are kept, the ones in flight rerun)."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / INVOCATIONS
-    line = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)), "wall_seconds": round(wall, 1),
-            "trials_run": ran, "commit": commit()}
-    with path.open("a") as stream:
-        stream.write(json.dumps(line) + "\n")
-    return [json.loads(text) for text in path.read_text().splitlines() if text.strip()]
+class Invocations:
+    """``<out>/invocations.jsonl``: every invocation that ran trials over ``out``, this one last, rewritten
+    after each of its trials. A resumed run's wall time is the sum of its invocations': one stopped midway
+    keeps the time up to its last finished trial (``finished: false``; the trials then in flight rerun)."""
+
+    def __init__(self, out: Path, started: float):
+        self.path, self.started = out / INVOCATIONS, started
+        earlier = self.path.read_text().splitlines() if self.path.exists() else []
+        self.entries = [json.loads(line) for line in earlier if line.strip()]
+        self.entries.append({"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
+                             "wall_seconds": 0.0, "trials_run": 0, "commit": commit(), "finished": False})
+
+    def update(self, ran: int, finished: bool = False) -> list[dict]:
+        self.entries[-1].update(wall_seconds=round(time.time() - self.started, 1), trials_run=ran, finished=finished)
+        if ran:  # an invocation that only rewrote the report is not part of the run's time
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_suffix(".jsonl.partial")
+            partial.write_text("".join(json.dumps(entry) + "\n" for entry in self.entries))
+            partial.rename(self.path)
+            return list(self.entries)
+        return self.entries[:-1] or [self.entries[-1]]
 
 
 def report(config: ReproduceConfig, specs: dict, uses: list[dict], out: Path, command: str, wall: float,
@@ -412,11 +426,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         specs, uses = trial_specs(config)
     except (ConfigError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    ran = _run_all(specs, config, out)
+    invocations = Invocations(out, started)
+    ran = _run_all(specs, config, out, invocations.update)
     command = "blip2 reproduce " + " ".join(list(argv) if argv is not None else sys.argv[1:])
-    wall = time.perf_counter() - start
-    invocations = record_invocation(out, started, wall, ran)
-    result = report(config, specs, uses, out, command.strip(), wall, ran, invocations)
+    result = report(config, specs, uses, out, command.strip(), time.perf_counter() - start, ran,
+                    invocations.update(ran, finished=True))
     for directory in {out, *([Path(config.claims_dir)] if config.claims_dir else [])}:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "claims.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -3,11 +3,12 @@ scored by ``blip2 evaluate``'s code) and resumes without rerunning a finished tr
 
 import dataclasses
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from blip2.claims import CLAIMS
+from blip2.claims import CLAIMS, render_markdown
 from blip2.toyworld.selection import SelectionError
 from pipelines import cli, reproduce
 from pipelines.reproduce import ReproduceConfig, trial_specs
@@ -59,11 +60,33 @@ def test_quick_run_reports_every_trial_and_resumes(tmp_path, monkeypatch, capsys
     assert {p.name: p.stat().st_mtime_ns for p in (out / "trials").glob("*.json")} == before
     resumed = json.loads((out / "claims.json").read_text())
     assert resumed["trials_reused"] == 4
-    # the whole run's wall time is its invocations' sum: the first trained everything, the second nothing
-    assert [i["trials_run"] for i in resumed["invocations"]] == [4, 0]
-    assert resumed["total_wall_seconds"] == pytest.approx(sum(i["wall_seconds"] for i in resumed["invocations"]))
-    assert resumed["total_wall_seconds"] >= claims["wall_seconds"] - 0.1
+    # the run's wall time is its invocations' that ran trials (this one only rewrote the report)
+    assert [(i["trials_run"], i["finished"]) for i in resumed["invocations"]] == [(4, True)]
+    assert resumed["total_wall_seconds"] == resumed["invocations"][0]["wall_seconds"] >= claims["wall_seconds"] - 0.1
+
+    # a trial lost (as one in flight when a run is stopped): the next invocation runs it, and its time adds up
+    lost = next(t["key"] for t in claims["claims"]["C3"]["trials"] if t["arm"] == "ITC+ITM" and t["seed"] == 1)
+    (out / "trials" / f"{lost}.json").unlink()
+    assert reproduce.main(["--quick", f"out={out}"]) == 0
+    again = json.loads((out / "claims.json").read_text())
+    assert [i["trials_run"] for i in again["invocations"]] == [4, 1] and again["trials_run"] == 1
+    assert again["total_wall_seconds"] == pytest.approx(sum(i["wall_seconds"] for i in again["invocations"]))
     assert "over 2 invocations" in (out / "CLAIMS.md").read_text()
+
+
+def test_a_stopped_invocation_keeps_its_time_up_to_its_last_finished_trial(tmp_path):
+    first = reproduce.Invocations(tmp_path, time.time() - 100)
+    first.update(3)  # after its third trial; then it is killed: no final update
+    second = reproduce.Invocations(tmp_path, time.time() - 10)
+    entries = second.update(2, finished=True)
+    assert [(e["trials_run"], e["finished"]) for e in entries] == [(3, False), (2, True)]
+    assert 99 <= entries[0]["wall_seconds"] < 110 and 9 <= entries[1]["wall_seconds"] < 20
+    assert [json.loads(line) for line in (tmp_path / reproduce.INVOCATIONS).read_text().splitlines()] == entries
+    text = render_markdown({"command": "c", "finished": "now", "wall_seconds": 10.0, "trials": [], "trials_run": 2,
+                            "trials_reused": 0, "seeds": [0], "machine": "m", "verdict_rule": "r", "min_seeds": 5,
+                            "claims": {}, "invocations": entries,
+                            "total_wall_seconds": sum(e["wall_seconds"] for e in entries)})
+    assert "over 2 invocations" in text and "stopped (the time to its last finished trial)" in text
 
 
 @pytest.mark.slow
