@@ -11,7 +11,10 @@ whose paper arm is instruction-aware (C5), each of that arm's models is also sco
 no instruction (a copy of the export whose ``config.json`` says ``qformer_instruction: false``): when
 taking the instruction away from the Q-Former changes nothing, the trained Q-Former does not use it, and
 no instruction-unaware ablation can fall behind. Nothing is trained; the run's trials are read, not
-changed. One JSON file; a table per claim is printed.
+changed. One JSON file (with the run's command, commit and seeds); a table per claim is printed.
+
+benchmarks/claims_val.json is this over the full run; benchmarks/claims_val_c5_one_query.json over a C5
+run with a one-query Q-Former (``--run runs/c5-q1 --claims C5``; its command is in the file).
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ def run(run_dir: Path, claim_ids: list[str], out_file: Path) -> dict:
     from blip2.claims import CLAIMS, _fmt
 
     claims = json.loads((run_dir / "claims.json").read_text())
-    result = {"run": str(run_dir), "run_commit": claims["commit"], "split": SPLIT, "claims": {}}
+    result = {"run": str(run_dir), "run_command": claims["command"], "run_commit": claims["commit"],
+              "run_seeds": claims["seeds"], "split": SPLIT, "claims": {}}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
