@@ -108,12 +108,16 @@ def _held_out(run: dict) -> str:
                 f"{_f(novel, 'itm_pairwise_random', 3)} / {_f(novel, 'itm_pairwise_one_attribute', 3)}, "
                 f"{_f(novel, 'itm_balanced_random', 3)} / {_f(novel, 'itm_balanced_one_attribute', 3)})")
     if run["stage"] == "stage2":
-        c = b.get("coco_captions/test", {})
+        c, n = b.get("coco_captions/test", {}), b.get("coco_captions/novel")
         return (f"captions of {c.get('num_images', 'n/a')} images: attribute accuracy {_f(c, 'caption_accuracy')}, "
-                f"BLEU-4 {_f(c, 'bleu4')}, CIDEr-D {_f(c, 'cider_d')}")
-    v, c = b.get("vqav2/test", {}), b.get("coco_captions/test", {})
+                f"BLEU-4 {_f(c, 'bleu4')}, CIDEr-D {_f(c, 'cider_d')}"
+                + (f"; `novel` ({n.get('num_images', 'n/a')} images): attribute accuracy {_f(n, 'caption_accuracy')}, "
+                   f"BLEU-4 {_f(n, 'bleu4')}, CIDEr-D {_f(n, 'cider_d')}" if n is not None else ""))
+    v, c, n = b.get("vqav2/test", {}), b.get("coco_captions/test", {}), b.get("vqav2/novel")
     return (f"held-in families {_f(v, 'accuracy/held_in', 3)}, held-out `existence` (zero-shot) "
-            f"{_f(v, 'accuracy/held_out', 3)}; `describe the image.` attribute accuracy {_f(c, 'caption_accuracy')}")
+            f"{_f(v, 'accuracy/held_out', 3)}; `describe the image.` attribute accuracy {_f(c, 'caption_accuracy')}"
+            + (f"; `novel`: held-in {_f(n, 'accuracy/held_in', 3)}, held-out {_f(n, 'accuracy/held_out', 3)}"
+               if n is not None else ""))
 
 
 def _spread(runs: list[dict], name: str, key: str) -> str:

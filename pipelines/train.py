@@ -302,6 +302,7 @@ def finish(stage: str, config: TrainConfig, checkpoint, task: TrainingTask | Non
                                            "finished": time.time()}, worker)
     (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"[{stage}] done: {json.dumps(report['headline'])}"
+        + (f"; novel: {json.dumps(task.headline(metrics['novel']))}" if "novel" in metrics else "")
         + (f"; input: {describe_input(input_report)}" if input_report is not None else "")
         + (f"; {describe_goodput(report['time_split'])}" if "time_split" in report else "")
         + f"; wrote {output}/: report.json, {HISTORY}, curve.png, {MODEL_DIR}/")

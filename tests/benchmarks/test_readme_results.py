@@ -93,6 +93,21 @@ def test_the_readme_toy_config_block_is_the_committed_toy_runs_record(tmp_path, 
     assert module.main(["--check"]) == 1 and "toy_runs.json" in capsys.readouterr().err
 
 
+def test_a_record_with_novel_for_stage2_and_instruct_shows_it_beside_test():
+    """The toy configs score `novel` at every stage: a record that has it puts it in the job's row."""
+    module = load()
+    record = json.loads(module.TOY_RUNS.read_text())
+    for run in record["runs"]:
+        if run["stage"] == "stage2":
+            run["benchmarks"]["coco_captions/novel"] = {"num_images": 200, "caption_accuracy": 0.4321, "bleu4": 0.5,
+                                                        "cider_d": 1.0}
+        if run["stage"] == "instruct":
+            run["benchmarks"]["vqav2/novel"] = {"accuracy/held_in": 0.877, "accuracy/held_out": 0.654}
+    block = module.toy_block(record)
+    assert "`novel` (200 images): attribute accuracy 0.43" in block
+    assert "`novel`: held-in 0.877, held-out 0.654" in block
+
+
 def test_the_readme_capfilt_table_is_the_committed_bootstrap_record_and_the_toy_config_uses_its_threshold(
         tmp_path, monkeypatch, capsys):
     """The two-round CapFilt table (benchmarks/capfilt_bootstrap.py's record) is the README's; the toy

@@ -226,6 +226,9 @@ def test_default_toy_configs_reach_the_bars(default_runs):
     assert "novel" in stage1 and stage1["novel"]["num_candidates"] == 100  # the second set, under its split
     assert stage2["caption_accuracy"] >= 0.90, stage2
     assert instruct["accuracy/held_in"] >= 0.90, instruct
+    # every stage also reports `novel` (colour x shape pairs no training split holds): reported, no bar
+    assert stage2["novel"]["num_images"] == 200 and 0 <= stage2["novel"]["caption_accuracy"] <= 1, stage2
+    assert instruct["novel"]["num_examples"] == 100 * len(QUESTION_FAMILIES), instruct
 
 
 @pytest.mark.slow
