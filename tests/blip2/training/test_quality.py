@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from blip2.config import load_config
 from blip2.backbones.build import ToyBackbones, find_backbones
@@ -31,6 +30,7 @@ from blip2.training.config import Stage1Config
 from blip2.training.features import FrozenImageEncoder
 from blip2.training.loop import train_locally
 from blip2.training.tasks import Stage1Task
+from blip2.training.trials import torch_threads
 from pipelines.common import CONFIG_DIR
 from pipelines.evaluate import EvaluateConfig, run
 
@@ -52,20 +52,16 @@ def train_fast_stage1(overrides: list[str]):
     """Stage 1 trained in-process from cached image features (2 threads): the task, model and history."""
     from pipelines.demo import demo_stage1
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    config = demo_stage1(overrides)
-    task = Stage1Task(config)
-    records = generate_split(config.world, config.train_split)
-    encoder = FrozenImageEncoder(task.backbones.vision)
-    size = config.optim.batch_size
-    cached = [encoder({"jpg": np.stack([decode_image(r.image) for r in records[s : s + size]]),
-                       "txt": np.array([r.alt_text for r in records[s : s + size]], dtype=object)})
-              for s in range(0, len(records) - size + 1, size)]
-    try:
+    with torch_threads(2):
+        config = demo_stage1(overrides)
+        task = Stage1Task(config)
+        records = generate_split(config.world, config.train_split)
+        encoder = FrozenImageEncoder(task.backbones.vision)
+        size = config.optim.batch_size
+        cached = [encoder({"jpg": np.stack([decode_image(r.image) for r in records[s : s + size]]),
+                           "txt": np.array([r.alt_text for r in records[s : s + size]], dtype=object)})
+                  for s in range(0, len(records) - size + 1, size)]
         model, history = train_locally(task, lambda epoch: [cached[i] for i in np.random.default_rng(epoch).permutation(len(cached))])
-    finally:
-        torch.set_num_threads(previous)
     return task, model, history
 
 
