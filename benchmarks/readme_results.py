@@ -97,6 +97,11 @@ def _retrieval(m: dict) -> str:
             f"{_f(m, 't2i_r1_strict_itm')}), i2t R@1 {_f(m, 'i2t_r1_attribute_itc')} / {_f(m, 'i2t_r1_attribute')}")
 
 
+def _captions(m: dict) -> str:
+    """One caption set's figures: attribute accuracy, BLEU-4, CIDEr-D."""
+    return f"attribute accuracy {_f(m, 'caption_accuracy')}, BLEU-4 {_f(m, 'bleu4')}, CIDEr-D {_f(m, 'cider_d')}"
+
+
 def _held_out(run: dict) -> str:
     """One job's held-out figures, in words."""
     b = run["benchmarks"]
@@ -109,10 +114,8 @@ def _held_out(run: dict) -> str:
                 f"{_f(novel, 'itm_balanced_random', 3)} / {_f(novel, 'itm_balanced_one_attribute', 3)})")
     if run["stage"] == "stage2":
         c, n = b.get("coco_captions/test", {}), b.get("coco_captions/novel")
-        return (f"captions of {c.get('num_images', 'n/a')} images: attribute accuracy {_f(c, 'caption_accuracy')}, "
-                f"BLEU-4 {_f(c, 'bleu4')}, CIDEr-D {_f(c, 'cider_d')}"
-                + (f"; `novel` ({n.get('num_images', 'n/a')} images): attribute accuracy {_f(n, 'caption_accuracy')}, "
-                   f"BLEU-4 {_f(n, 'bleu4')}, CIDEr-D {_f(n, 'cider_d')}" if n is not None else ""))
+        return (f"captions of {c.get('num_images', 'n/a')} images: {_captions(c)}"
+                + (f"; `novel` ({n.get('num_images', 'n/a')} images): {_captions(n)}" if n is not None else ""))
     v, c, n = b.get("vqav2/test", {}), b.get("coco_captions/test", {}), b.get("vqav2/novel")
     return (f"held-in families {_f(v, 'accuracy/held_in', 3)}, held-out `existence` (zero-shot) "
             f"{_f(v, 'accuracy/held_out', 3)}; `describe the image.` attribute accuracy {_f(c, 'caption_accuracy')}"
