@@ -47,7 +47,7 @@ from PIL import Image
 from ray import serve
 
 from blip2.config import load_config
-from blip2.models.generation import GenerationParams
+from blip2.models.generation_params import GenerationParams
 from blip2.serving.requests import GenerationRequest
 from blip2.serving.runtime import load_runtime
 from blip2.toyworld.world import all_attributes, render

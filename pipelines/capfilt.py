@@ -3,8 +3,9 @@
     python -m pipelines.capfilt [--config pipelines/configs/capfilt_toy.yaml] [key=value ...]
 
 Stages (each a Ray Data ``map_batches``):
-  1. read + decode + validate (CPU tasks, one input shard per task): every record becomes a row, the
-     bad ones marked rejected with a reason; each shard ends with an END row that carries its count;
+  1. read + decode + validate (CPU tasks, one input shard per task; ``blip2.capfilt.records.decode_shards``,
+     whose module imports no torch): every record becomes a row, the bad ones marked rejected with a
+     reason; each shard ends with an END row that carries its count;
   2. captioner (callable class on an actor pool: weights load once per actor): K synthetic captions per
      valid image by nucleus sampling;
   3. filter (callable class on an actor pool): ITM match probability of the web caption and of each
@@ -29,23 +30,14 @@ import ray
 import torch
 from ray.data import ActorPoolStrategy
 
-from blip2.capfilt.config import CapFiltConfig, CaptionerConfig, FilterConfig, InputConfig, ValidationConfig
+from blip2.capfilt.config import CapFiltConfig, CaptionerConfig, FilterConfig
 from blip2.capfilt.models import Captioner, CaptionFilter, check_sources
 from blip2.capfilt.outputs import ShardCollector, completed_shards, prepare_output
 from blip2.capfilt.readers import Shard, list_shards
-from blip2.capfilt.records import shard_batches
+from blip2.capfilt.records import decode_shards
 from blip2.capfilt.report import AccountingError, build_report, summary_lines
 from blip2.config import from_dict, to_dict
 from pipelines.common import init_ray, job_parser, log, parse_config, quiet_progress_bars
-
-
-def decode_shards(batch: dict[str, np.ndarray], input_config: dict, validation: dict, image_size: int,
-                  keep_bytes: bool, batch_size: int):
-    """Ray Data UDF (CPU task): a batch of shard descriptions -> batches of decoded rows."""
-    inputs, limits = from_dict(InputConfig, input_config), from_dict(ValidationConfig, validation)
-    for i in range(len(batch["name"])):
-        shard = Shard(**{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()})
-        yield from shard_batches(shard, inputs, limits, image_size, keep_bytes, batch_size)
 
 
 class CaptionerActor:

@@ -32,7 +32,6 @@ from blip2.datasets.errors import DatasetError
 from blip2.datasets.predict import SetPredictor, itc_similarity, read_image, require_checkpoint
 from blip2.datasets.tasks import (
     RETRIEVAL_KS,
-    TASK_KINDS,
     itm_candidates,
     load_task,
     question_scores,
@@ -41,8 +40,8 @@ from blip2.datasets.tasks import (
     score_captioning,
     score_questions,
     score_retrieval,
-    task_kind,
 )
+from blip2.datasets.task_kinds import TASK_KINDS, task_kind
 from blip2.datasets.toy import (
     caption_metrics,
     matching_metrics,
@@ -54,7 +53,7 @@ from blip2.datasets.toy import (
     toy_relevance,
 )
 from blip2.metrics import rerank_effect
-from blip2.models.generation import GenerationParams
+from blip2.models.generation_params import GenerationParams
 from blip2.reporting import plot_metrics
 from blip2.toyworld.standard import HELD_OUT_SPLITS, standard_files
 from blip2.training.config import Stage1Config, TaskSizes

@@ -1,4 +1,4 @@
-"""The training jobs' input on Ray Data (Ray wiring; the per-record work is in ``blip2/training/data.py``).
+"""The training jobs' input on Ray Data (Ray wiring; the per-record work is in ``blip2/training/records.py``).
 
 Every source of ``train_data`` (WebDataset tars, Parquet, CapFilt's kept output) or the toy world's split is
 read as stored, each record validated once (a bad image or caption is skipped and counted by reason, never
@@ -21,7 +21,7 @@ import ray
 from blip2.config import to_dict
 from blip2.toyworld.selection import check_report_split
 from blip2.training.config import InstructConfig, TrainConfig
-from blip2.training.data import kept_records, reason_counts, skip_counts, training_records, validated_records
+from blip2.training.records import kept_records, reason_counts, skip_counts, training_records, validated_records
 from blip2.training.features import FrozenImageEncoder
 from blip2.training.tasks import TrainingTask
 from pipelines.common import log

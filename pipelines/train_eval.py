@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from blip2.config import ConfigError
-from blip2.datasets.tasks import TASK_KINDS
+from blip2.datasets.task_kinds import TASK_KINDS
 from blip2.training.config import InstructConfig, Stage1Config, TrainConfig
 from pipelines.evaluate import EvaluateConfig, run
 

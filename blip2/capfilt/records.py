@@ -4,6 +4,10 @@ Image problems reject the record (there is nothing to caption). Caption problems
 overlong, not UTF-8 — either drop the web caption and keep the image, which may still earn synthetic
 captions (``bad_caption="drop"``, the default: that is what CapFilt is for), or reject the record
 (``bad_caption="reject"``). Either way the row's ``caption_issue`` records it.
+
+The CapFilt job's first stage runs :func:`decode_shards` in Ray Data's task workers, which import this
+module to run it: numpy and PIL only, never torch or transformers (seconds of imports in every fresh worker
+process, to decode JPEGs).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from blip2.capfilt.config import InputConfig, ValidationConfig
+from blip2.config import from_dict
 from blip2.capfilt.readers import RawRecord, Shard, read_shard
 from blip2.images import ImageError, load_image
 
@@ -166,3 +171,13 @@ def shard_batches(shard: Shard, input_config: InputConfig, validation: Validatio
             rows = []
     rows.append(end_row(shard.name, count, image_size))
     yield rows_to_batch(rows, image_size)
+
+
+def decode_shards(batch: dict[str, np.ndarray], input_config: dict, validation: dict, image_size: int,
+                  keep_bytes: bool, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data UDF (a CPU task): a batch of shard descriptions (:class:`Shard` fields, one row per shard)
+    -> :func:`shard_batches` of each; the configs come as dicts (``to_dict``), as Ray passes them."""
+    inputs, limits = from_dict(InputConfig, input_config), from_dict(ValidationConfig, validation)
+    for i in range(len(batch["name"])):
+        shard = Shard(**{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()})
+        yield from shard_batches(shard, inputs, limits, image_size, keep_bytes, batch_size)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from blip2.datasets.errors import DatasetError
 from blip2.images import load_image
-from blip2.models.generation import GenerationParams
+from blip2.models.generation_params import GenerationParams
 from blip2.models.presets import TOY
 from blip2.models.qformer import Blip2QFormerForPretraining
 from blip2.serving.requests import GenerationRequest

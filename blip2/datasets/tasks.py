@@ -28,18 +28,11 @@ import torch
 from blip2.datasets.captions import CaptionedImage, load_coco_captions, load_karpathy
 from blip2.datasets.errors import DatasetError, read_json
 from blip2.datasets.questions import VisualQuestion, load_gqa, load_vqa
+from blip2.datasets.task_kinds import task_kind
 from blip2.metrics import bleu4, cider_d_scores, identity_relevance, recall_at_k
 from blip2.vqa_accuracy import gqa_accuracy, vqa_accuracy
 
-TASK_KINDS: dict[str, str] = {"coco_retrieval": "retrieval", "coco_captions": "captioning", "nocaps": "captioning",
-                              "vqav2": "vqa", "okvqa": "vqa", "gqa": "gqa"}
 RETRIEVAL_KS: tuple[int, ...] = (1, 5, 10)
-
-
-def task_kind(task: str) -> str:
-    if task not in TASK_KINDS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASK_KINDS)}")
-    return TASK_KINDS[task]
 
 
 def load_task(task: str, annotations: str | Path = "", images: str | Path = "", questions: str | Path = ""

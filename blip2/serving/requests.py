@@ -21,7 +21,7 @@ from typing import Any
 from PIL import Image
 
 from blip2.images import ImageError, load_image
-from blip2.models.generation import GenerationParams
+from blip2.models.generation_params import GenerationParams
 
 
 class RequestError(ValueError):

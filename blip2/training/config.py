@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blip2.datasets.tasks import TASK_KINDS
-from blip2.models.generation import GenerationParams
+from blip2.datasets.task_kinds import TASK_KINDS
+from blip2.models.generation_params import GenerationParams
 from blip2.toyworld.corpus import ToyWorldConfig
 from blip2.toyworld.standard import HELD_OUT_SPLITS
 from blip2.toyworld.text import HELD_OUT_TASKS, INSTRUCTION_TASKS

@@ -19,7 +19,7 @@ import torch
 from transformers import Blip2VisionModel
 
 from blip2.backbones.vision import pixel_values
-from blip2.training.data import CAPTIONS_JSON, TEXT_COLUMNS, batch_images
+from blip2.training.records import CAPTIONS_JSON, TEXT_COLUMNS, batch_images
 
 
 class FrozenImageEncoder:

@@ -30,7 +30,7 @@ from blip2.datasets.errors import DatasetError
 from blip2.datasets.instructions import load_aokvqa, load_llava
 from blip2.datasets.questions import load_gqa, load_vqa
 from blip2.training.config import InstructionSource
-from blip2.training.data import _decode, _image_problem, _resized
+from blip2.training.records import _decode, _image_problem, _resized
 from blip2.training.templates import example_payload
 
 EXAMPLE_JSON = "example_json"  # the column carrying each example's payload ("" for the toy world's records)
@@ -159,7 +159,7 @@ def example_records(batch: Mapping[str, Any], image_size: int | None = None) -> 
     """Rows of :func:`mixture_rows` -> the training columns (``image``, ``captions_json`` empty,
     ``example_json``), without those whose image is missing or does not decode (counted by
     :func:`example_skip_counts`). ``image``: encoded bytes, or with ``image_size`` decoded and resized
-    once here, (B, image_size, image_size, 3) uint8, as :func:`blip2.training.data.training_records` gives
+    once here, (B, image_size, image_size, 3) uint8, as :func:`blip2.training.records.training_records` gives
     the other sources' (one image type in one mixture)."""
     if image_size:
         read = [_read_decoded(str(p), image_size) for p in batch["path"]]

@@ -46,15 +46,8 @@ from blip2.tokenization import IMAGE_TOKEN
 from blip2.toyworld.text import instruction_example, parse_attributes
 from blip2.toyworld.world import ATTRIBUTES, Attributes
 from blip2.training.config import InstructConfig, Stage1Config, Stage2Config, TrainConfig
-from blip2.training.data import (
-    batch_images,
-    caption_choices,
-    json_captions,
-    sample_captions,
-    stage1_text_inputs,
-    stated_attributes,
-    task_mixture,
-)
+from blip2.training.data import sample_captions, stage1_text_inputs, stated_attributes, task_mixture
+from blip2.training.records import batch_images, caption_choices, json_captions
 from blip2.training.mixture import EXAMPLE_JSON
 from blip2.training.templates import format_example, load_templates
 

@@ -40,7 +40,7 @@ from blip2.metrics import filter_precision_recall
 from blip2.toyworld.corpus import ToyWorldConfig, generate_split
 from blip2.toyworld.world import decode_image
 from blip2.training.config import TrainConfig
-from blip2.training.data import CAPTIONS_JSON, training_records
+from blip2.training.records import CAPTIONS_JSON, training_records
 from blip2.training.features import FrozenImageEncoder
 from blip2.training.loop import train_locally
 from blip2.training.tasks import Stage1Task, TrainingTask

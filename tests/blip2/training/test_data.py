@@ -5,14 +5,13 @@ from transformers import AutoTokenizer
 
 from blip2.backbones.build import find_backbones
 from blip2.toyworld.corpus import ToyWorldConfig, generate_split
-from blip2.training.data import (
+from blip2.training.data import match_ids, stage1_batch
+from blip2.training.records import (
     batch_images,
     caption_choices,
     kept_records,
-    match_ids,
     reason_counts,
     skip_counts,
-    stage1_batch,
     training_records,
     validated_records,
 )

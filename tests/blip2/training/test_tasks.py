@@ -22,14 +22,8 @@ from blip2.training.config import (
     Stage2Config,
     TaskSizes,
 )
-from blip2.training.data import (
-    CAPTIONS_JSON,
-    batch_images,
-    caption_choices,
-    sample_captions,
-    task_mixture,
-    training_records,
-)
+from blip2.training.data import sample_captions, task_mixture
+from blip2.training.records import CAPTIONS_JSON, batch_images, caption_choices, training_records
 from blip2.training.features import FrozenImageEncoder
 from blip2.training.loop import train_locally
 from blip2.training.tasks import InstructTask, Stage1Task, Stage2Task, resolve_model_dir
