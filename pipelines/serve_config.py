@@ -5,7 +5,7 @@ each key) and validated when loaded."""
 from dataclasses import dataclass, field
 
 from blip2.serving.requests import RequestLimits
-from blip2.serving.runtime import RuntimeSettings
+from blip2.serving.results import RuntimeSettings
 
 DEFAULT_CONFIG = "serve_toy.yaml"
 BATCHING = ("continuous", "serve_batch")

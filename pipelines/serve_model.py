@@ -20,9 +20,10 @@ import torch
 from ray import serve
 
 from blip2.config import from_dict
-from blip2.serving.decoding import ContinuousDecoder, TokenEvent, supports
+from blip2.serving.decoding import ContinuousDecoder, supports
 from blip2.serving.requests import EmbedRequest, GenerationRequest, MatchRequest
-from blip2.serving.runtime import EmbedResult, GenerationResult, MatchResult, load_runtime
+from blip2.serving.results import EmbedResult, GenerationResult, MatchResult, TokenEvent
+from blip2.serving.runtime import load_runtime
 from pipelines.common import quiet_progress_bars
 from pipelines.serve_config import ServeConfig
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from blip2.serving.conversation import parse_messages
 from blip2.serving.requests import GenerationRequest, RequestError, RequestLimits, decode_image, generation_params
-from blip2.serving.runtime import GenerationResult
+from blip2.serving.results import GenerationResult
 
 
 @dataclass(frozen=True)

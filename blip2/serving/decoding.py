@@ -49,21 +49,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from blip2.models.generation import GenerationParams
+from blip2.models.generation_params import GenerationParams
 from blip2.models.instruct import encode_qformer_instructions, instruction_aware
 from blip2.models.stage2 import encode_with_left_truncation, unwrap, with_image_tokens
 from blip2.serving.requests import GenerationRequest
-from blip2.serving.runtime import GenerationResult, VisionLanguageRuntime
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """What one step produced for one request: ``text`` is new text since its previous event (may be
-    empty: a token can complete no character); ``result`` is set on its last event."""
-
-    request_id: int
-    text: str
-    result: GenerationResult | None = None
+from blip2.serving.results import GenerationResult, TokenEvent
+from blip2.serving.runtime import VisionLanguageRuntime
 
 
 @dataclass

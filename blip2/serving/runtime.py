@@ -40,41 +40,9 @@ from blip2.models.stage1 import build_stage1_model
 from blip2.models.stage2 import encode_with_left_truncation, unwrap
 from blip2.serving.conversation import render_prompt
 from blip2.serving.requests import EmbedRequest, GenerationRequest, MatchRequest
+from blip2.serving.results import EmbedResult, GenerationResult, MatchResult, RuntimeSettings
 
 TOY_STAGE1 = "toy-stage1"  # a freshly built (untrained, seeded) stage-1 model over the toy backbones
-
-
-@dataclass(frozen=True)
-class RuntimeSettings:
-    caption_instruction: str = "write a short caption for this image."  # InstructBLIP caption requests
-    answer_prompt: str = "Question: {instruction} Answer:"  # BLIP-2 answer requests
-    max_text_length: int = 128  # tokens of a prompt / Q-Former text; longer ones lose their beginning
-
-    def __post_init__(self) -> None:
-        if "{instruction}" not in self.answer_prompt:
-            raise ValueError("answer_prompt must contain '{instruction}'")
-        if self.max_text_length < 4:
-            raise ValueError("max_text_length must be >= 4")
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    text: str
-    prompt_tokens: int  # query tokens + prompt tokens the LLM read
-    completion_tokens: int
-    finish_reason: str  # "stop" (end of sequence) or "length" (max_new_tokens reached)
-
-
-@dataclass(frozen=True)
-class MatchResult:
-    itm_probability: float  # P(match) from the ITM head, in [0, 1]
-    itc_similarity: float  # cosine similarity (max over queries), in [-1, 1]
-
-
-@dataclass(frozen=True)
-class EmbedResult:
-    image_embedding: list[list[float]] | None  # (Q, D) normalised ITC features, one per query
-    text_embedding: list[float] | None  # (D,) normalised ITC feature of the text's [CLS]
 
 
 @dataclass

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from blip2.serving.chat import completion_id, usage
-from blip2.serving.decoding import TokenEvent
+from blip2.serving.results import TokenEvent
 from blip2.serving.requests import RequestError
 
 DONE = "data: [DONE]\n\n"
