@@ -62,6 +62,13 @@ def test_every_part_loads_through_from_pretrained(shipped):
     assert torch.allclose(processed.pixel_values, pixel_values(image[None]), atol=1e-6)
 
 
+def test_shipped_report_records_the_files_that_ship(shipped):
+    """The shipped set is a build's output as written: its provenance names every file's sha256."""
+    provenance = shipped.report()["provenance"]
+    assert provenance["sha256"] == file_digests(shipped.root)
+    assert provenance["deterministic_algorithms"] and provenance["seeds"]["vision"] == BackbonesConfig().vision.seed
+
+
 def test_build_report_meets_the_bars(shipped):
     quality = shipped.report()["quality"]
     assert quality["vision"]["probe"]["test"]["mean"] >= PROBE_BAR
