@@ -187,10 +187,12 @@ def toy_block(record: dict) -> str:
 
 
 def _reused_rounds(record: dict) -> str:
-    reused = sum(bool(row.get("reused")) for row in record["rounds"])
-    return (f"; {reused} of its {len(record['rounds'])} rounds' stage-1 runs trained earlier (same config, seed "
-            "and training data) and were taken as they were: the wall time is this run's thresholds and CapFilt "
-            "passes" if reused else "")
+    reused, rounds = sum(bool(row.get("reused")) for row in record["rounds"]), len(record["rounds"])
+    if not reused:
+        return ""
+    paid = ("the other rounds' training, " if reused < rounds else "") + "this run's thresholds and CapFilt passes"
+    return (f"; {reused} of its {rounds} rounds' stage-1 runs trained earlier (same config, seed and training "
+            f"data) and were taken as they were: the wall time is {paid}")
 
 
 def capfilt_block(record: dict) -> str:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from blip2.config import to_dict
-from tests.benchmarks import load_script
+from tests.benchmarks import BENCHMARKS, load_script
 
 
 def load():
@@ -56,3 +56,16 @@ def test_reuse_takes_only_a_finished_run_of_the_same_round(tmp_path):
     assert module.reuse_refusal(config) == ""
     (config.output / "report.json").write_text(json.dumps({"steps": 800, "config": {}}))  # no goodput split
     assert "not a finished run's" in module.reuse_refusal(config)
+
+
+def test_the_toy_config_filters_at_the_committed_record_s_val_threshold():
+    # capfilt_toy.yaml says its threshold is the committed bootstrap's `val` choice (first seed, round 2,
+    # the config's score); a regenerated record that moves it must move the config too.
+    import yaml
+
+    config = yaml.safe_load((BENCHMARKS.parent / "pipelines/configs/capfilt_toy.yaml").read_text())["filter"]
+    record = json.loads((BENCHMARKS / "capfilt_bootstrap.json").read_text())
+    first_seed = record["rounds"][0]["seed"]
+    round2 = next(row for row in record["rounds"] if row["seed"] == first_seed and row["round"] == 2)
+    chosen = round2["scores"][config.get("score", "itm")]["val"]["threshold"]
+    assert config["threshold"] == pytest.approx(chosen, abs=5e-4)
