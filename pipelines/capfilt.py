@@ -37,7 +37,7 @@ from blip2.capfilt.readers import Shard, list_shards
 from blip2.capfilt.records import decode_shards
 from blip2.capfilt.report import AccountingError, build_report, summary_lines
 from blip2.config import from_dict, to_dict
-from pipelines.common import init_ray, job_parser, log, parse_config, quiet_progress_bars
+from pipelines.common import init_ray, job_parser, keep_data_order, log, parse_config, quiet_progress_bars
 
 
 class CaptionerActor:
@@ -111,6 +111,7 @@ def run(config: CapFiltConfig) -> dict | None:
     records = 0
     if pending:
         init_ray()  # RAY_ADDRESS (ray job submit) selects a cluster; otherwise a local instance
+        keep_data_order()  # the captioner's batches, each seeded by its first record, hold the same records every run
         collector = ShardCollector(out, config.image_mode)
         for batch in build_dataset(config, pending).iter_batches(batch_size=None, batch_format="numpy"):
             for marker in collector.add(batch):

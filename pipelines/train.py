@@ -53,7 +53,7 @@ from blip2.training.state import TRAINABLE, TrainingProgress, load_training_stat
 from blip2.training.tasks import MODEL_DIR, TASKS, TrainingTask
 from pipelines.common import init_ray, job_parser, log, parse_config, quiet_progress_bars
 from pipelines.instruct_data import evaluate_held_out
-from pipelines.train_data import NotEnoughData, describe_input, feature_cache, training_data, worker_threads
+from pipelines.train_data import NotEnoughData, describe_input, train_dataset, worker_threads
 from pipelines.train_eval import check_eval_sets, evaluate_training_output
 
 HISTORY = "history.json"  # loss curve, kept in every checkpoint so a resumed run continues it
@@ -199,19 +199,7 @@ def fit(stage: str, config: TrainConfig, task: TrainingTask | None = None, start
     config = absolute_paths(config)
     check_eval_sets(stage, config)
     task = task or TASKS[stage][1](config)
-    phase = time.perf_counter()
-    data, input_report = training_data(config, task.image_size)
-    clock["input_check"] = time.perf_counter() - phase
-    if config.feature_cache:
-        phase = time.perf_counter()
-        data = feature_cache(config, task, data)
-        clock["feature_cache"] = time.perf_counter() - phase
-    if config.materialize_data:  # one pass now; every epoch then streams from the object store
-        phase = time.perf_counter()
-        data = data.materialize()  # Ray Data
-        clock["materialize"] = time.perf_counter() - phase
-    if config.shuffle_buffer:  # sources come one after the other: mix their blocks, then shuffle locally
-        data = data.randomize_block_order(seed=config.seed)  # Ray Data
+    data, input_report = train_dataset(config, task, clock)
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
     trainer = TorchTrainer(  # Ray Train

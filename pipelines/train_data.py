@@ -24,7 +24,7 @@ from blip2.training.config import InstructConfig, TrainConfig
 from blip2.training.records import kept_records, reason_counts, skip_counts, training_records, validated_records
 from blip2.training.features import FrozenImageEncoder
 from blip2.training.tasks import TrainingTask
-from pipelines.common import log
+from pipelines.common import keep_data_order, log
 from pipelines.instruct_data import mixture_data
 from pipelines.toyworld import ToyWorldJobConfig, ensure_toyworld
 
@@ -170,3 +170,25 @@ def feature_cache(config: TrainConfig, task: TrainingTask, data: ray.data.Datase
     marker.write_text(json.dumps(key))
     log(f"feature cache: wrote {cache} in {time.perf_counter() - start:.1f}s")
     return ray.data.read_parquet(str(cache / "data"))
+
+
+def train_dataset(config: TrainConfig, task: TrainingTask, clock: dict[str, float]) -> tuple[ray.data.Dataset, dict]:
+    """The dataset a training job hands Ray Train, in the order the job's seed fixes (:func:`keep_data_order`):
+    the records (:func:`training_data`), stage 1's cached image features when ``feature_cache`` is on,
+    materialised once, their blocks shuffled by the seed (each worker then shuffles locally, seeded too).
+    Adds each phase's seconds to ``clock``; returns the dataset and the input's accounting."""
+    keep_data_order()
+    phase = time.perf_counter()
+    data, input_report = training_data(config, task.image_size)
+    clock["input_check"] = time.perf_counter() - phase
+    if config.feature_cache:
+        phase = time.perf_counter()
+        data = feature_cache(config, task, data)
+        clock["feature_cache"] = time.perf_counter() - phase
+    if config.materialize_data:  # one pass now; every epoch then streams from the object store
+        phase = time.perf_counter()
+        data = data.materialize()  # Ray Data
+        clock["materialize"] = time.perf_counter() - phase
+    if config.shuffle_buffer:  # sources come one after the other: mix their blocks, then shuffle locally
+        data = data.randomize_block_order(seed=config.seed)  # Ray Data
+    return data, input_report

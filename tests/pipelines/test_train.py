@@ -78,6 +78,30 @@ def _registered_step(run_dir) -> int | None:
     return json.loads((latest / "state.json").read_text())["progress"]["step"] if latest else None
 
 
+def test_the_seed_fixes_the_order_of_the_data_handed_to_ray_train(tmp_path, ray_local):
+    """The dataset a job gives Ray Train (many small shards of two sources, decoded, stage 1's feature cache
+    written and read back, materialised, blocks shuffled), built twice from scratch with one seed: the same
+    records in the same order (each worker's local shuffle, seeded, starts from it). Ray Data's default
+    passes blocks on as their tasks finish: without pipelines.common.keep_data_order the builds differ."""
+    from blip2.training.tasks import TASKS
+    from pipelines.toyworld import ToyWorldJobConfig, ensure_toyworld
+    from pipelines.train_data import train_dataset
+
+    shards = tmp_path / "world" / "webdataset"
+    orders = []
+    for run in ("a", "b"):
+        args = small(tmp_path, name=f"order-{run}", feature_cache="true",
+                     train_data=f"[{shards / 'clean'}, {shards / 'web'}]") + ["world.shard_size=8"]  # 8 + 5 shards
+        config, _ = train.parse_config(train.job_parser("t", ""), Stage1Config, args)
+        ensure_toyworld(ToyWorldJobConfig(out=config.toyworld, world=config.world))
+        clock = {}
+        data, report = train_dataset(config, TASKS["stage1"][1](config), clock)
+        assert report["kept"] == 104 and clock["feature_cache"] > 0
+        orders.append([tuple(json.loads(text)) for batch in data.iter_batches(batch_format="numpy")
+                       for text in batch["captions_json"]])
+    assert len(orders[0]) == 104 and orders[0] == orders[1]
+
+
 def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint(tmp_path, ray_local):
     """SIGKILL the training worker mid-run: Ray Train starts a new worker group, which resumes from the
     latest registered checkpoint; the step counter stays continuous."""

@@ -62,7 +62,7 @@ def test_training_on_a_report_split_raises(tmp_path):
 
     world = tmp_path / "world"
     with pytest.raises(SelectionError, match="'novel' records are read only for reports.*pipelines.train"):
-        _run_as("pipelines.choose", "import pipelines.train, blip2.training.config as c; "
-                f"pipelines.train.training_data(c.TrainConfig(toyworld={str(world)!r}, train_split='novel'))")
+        _run_as("pipelines.choose", "import pipelines.train_data, blip2.training.config as c; "
+                f"pipelines.train_data.training_data(c.TrainConfig(toyworld={str(world)!r}, train_split='novel'))")
     assert not world.exists()  # refused before anything was written
     assert TrainConfig  # the config itself accepts any split name: the guard is where records open
