@@ -86,11 +86,12 @@ def keep_data_order() -> None:
     Ray Data's default (``preserve_order=False``) passes blocks on as their tasks finish, so which records
     land in which materialised block, which feature-cache file and which CapFilt output row follows the
     machine's load: two runs of one seed then train on differently ordered data (measured: a 30-step stage 1
-    twice, losses apart from step 1). With the order kept, a seed fixes the data order (block shuffle and
-    each worker's local shuffle are seeded from it): on one worker the same run trains bit-identically,
-    measured the same way. Ray Train's ingest copies the option when the trainer is built
-    (``DataConfig.default_ingest_options``). With several workers, which worker receives which block still
-    follows who asks first. It costs nothing measurable at the toy configs."""
+    twice, losses apart from step 1). With the order kept, the seed orders the data (block shuffle and each
+    worker's local shuffle are seeded from it) and that run trained bit-identically on one worker. Not every
+    run yet: two demo runs still differed in one feature-cache file's row order (README, "Reproducibility").
+    Ray Train's ingest copies the option when the trainer is built (``DataConfig.default_ingest_options``).
+    With several workers, which worker receives which block still follows who asks first. No cost seen at
+    the toy configs (the 30-step run took 166-191 s either way on a loaded machine)."""
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
