@@ -59,11 +59,28 @@ def head(tmp_path_factory):
         os.killpg(process.pid, signal.SIGKILL)
 
 
+def start_submit(head, *command: str) -> subprocess.Popen:
+    """``ray job submit --working-dir . -- <command>`` to ``head``, started: the CLI streams the job's output
+    and exits when the job ends (0 if it succeeded). Several may run at once; :func:`finish` each."""
+    address, env, bin_dir = head
+    return subprocess.Popen([str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+                             "--", *command], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 800) -> str:
+    """Wait for a :func:`start_submit`; the job must have succeeded. Its output."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+        pytest.fail(f"the job did not end in {timeout} s:\n{stdout[-3000:]}{stderr[-3000:]}")
+    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "succeeded" in stdout.lower(), stdout[-3000:]
+    return stdout
+
+
 def submit(head, *command: str, timeout: float = 800) -> str:
     """``ray job submit --working-dir . -- <command>`` to ``head``; the job must succeed. Its output."""
-    address, env, bin_dir = head
-    result = subprocess.run([str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-                             "--", *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "succeeded" in result.stdout.lower(), result.stdout[-3000:]
-    return result.stdout
+    return finish(start_submit(head, *command), timeout)

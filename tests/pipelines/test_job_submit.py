@@ -1,60 +1,89 @@
 """Jobs (training, CapFilt, serving, evaluation) run unchanged through ``ray job submit --working-dir . --
 python -m pipelines.<job> ...`` against the session's real head (``head`` in ``tests/pipelines/conftest.py``:
-``ray start --head`` on loopback, on its own ports). The demo's submitted run is in ``test_demo.py``."""
+``ray start --head`` on loopback, on its own ports). The demo's submitted run is in ``test_demo.py``.
+
+The four jobs are submitted together, as a team shares a cluster, and each test checks its own: most of a
+small job's time is start-up (the job's driver, Ray Train's worker group, Serve), which overlaps (about 75 s
+one after another, about 45 s together on two cores)."""
 
 import json
 
 import pytest
 
-from tests.pipelines.conftest import free_port, submit
+from tests.pipelines.conftest import finish, free_port, start_submit
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
-def test_training_job_submits_and_succeeds(head, tmp_path):
-    out = tmp_path / "runs"
-    output = submit(head, "python", "-m", "pipelines.train", "stage1", f"storage_path={out}",
-                    f"toyworld={tmp_path / 'world'}", "world.web_size=40", "world.clean_size=64", "world.val_size=10",
-                    "world.test_size=32", "world.novel_size=10", "model.hidden_size=64", "model.num_layers=1",
-                    "model.num_query_tokens=4", "optim.batch_size=16", "optim.warmup_steps=1", "optim.max_steps=3",
-                    "checkpoint_every=3", "scaling.cpus_per_worker=0.5", "name=submitted",
-                    # from pixels: the feature cache's pass (~18 s of this test's ~64) is the in-process tests'
-                    "feature_cache=false",
-                    # one small set, not the toy config's test + novel at 100 images each (an actor pool each)
-                    "eval=[{task: coco_retrieval, split: test, limit: 16}]")
+@pytest.fixture(scope="module")
+def jobs(head, tmp_path_factory, small_world):
+    """Every job of this module, submitted at once: name -> (its folder, the started ``ray job submit``)."""
+    root, _ = small_world
+    train, capfilt, evaluate = (tmp_path_factory.mktemp(name) for name in ("train", "capfilt", "evaluate"))
+    from blip2.toyworld.corpus import ToyWorldConfig, write_toyworld
+
+    write_toyworld(ToyWorldConfig(web_size=4, clean_size=4, val_size=4, test_size=4, novel_size=4, parquet=False),
+                   evaluate / "world")
+    port = free_port()
+    commands = {
+        "train": (train, [
+            "python", "-m", "pipelines.train", "stage1", f"storage_path={train / 'runs'}",
+            f"toyworld={train / 'world'}", "world.web_size=40", "world.clean_size=64", "world.val_size=10",
+            "world.test_size=32", "world.novel_size=10", "model.hidden_size=64", "model.num_layers=1",
+            "model.num_query_tokens=4", "optim.batch_size=16", "optim.warmup_steps=1", "optim.max_steps=3",
+            "checkpoint_every=3", "scaling.cpus_per_worker=0.5", "name=submitted",
+            # from pixels: the feature cache's pass is the in-process tests'
+            "feature_cache=false",
+            # one small set, not the toy config's test + novel at 100 images each (an actor pool each)
+            "eval=[{task: coco_retrieval, split: test, limit: 16}]"]),
+        "capfilt": (capfilt, [
+            "python", "-m", "pipelines.capfilt", f"input.path={root / 'webdataset' / 'web'}",
+            f"output={capfilt / 'out'}", "captioner.num_captions=1", "captioner.max_new_tokens=6",
+            "captioner.min_new_tokens=2", "filter.source=toy-stage1", "filter.threshold=0.5"]),
+        "serve": (port, [
+            "python", "-m", "pipelines.serve", "--check", f"http.port={port}", "replica.num_cpus=0.5",
+            "http.ingress_num_cpus=0.1", "autoscaling.max_replicas=1", "http.app_name=submitted"]),
+        "evaluate": (evaluate, [
+            "python", "-m", "pipelines.evaluate", "task=gqa", "model=toy-instruct-opt", f"toyworld={evaluate / 'world'}",
+            f"out={evaluate / 'gqa'}", "generation.max_new_tokens=3"]),
+    }
+    started = {name: (where, start_submit(head, *command)) for name, (where, command) in commands.items()}
+    yield started
+    for _, process in started.values():  # a test that failed early leaves no job running past the module
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_training_job_submits_and_succeeds(jobs):
+    folder, process = jobs["train"]
+    output = finish(process)
     assert "[stage1] done" in output  # the job's own progress lines reach `ray job submit`
+    out = folder / "runs"
     report = json.loads((out / "submitted" / "report.json").read_text())
     assert report["steps"] == 3 and (out / "submitted" / "model" / "config.json").exists()
     assert report["eval"]["num_images"] == 16  # scored after training, in the submitted driver
 
 
-def test_capfilt_job_submits_and_succeeds(head, tmp_path, small_world):
-    root, _ = small_world
-    out = tmp_path / "capfilt"
-    submit(head, "python", "-m", "pipelines.capfilt", f"input.path={root / 'webdataset' / 'web'}", f"output={out}",
-           "captioner.num_captions=1", "captioner.max_new_tokens=6", "captioner.min_new_tokens=2",
-           "filter.source=toy-stage1", "filter.threshold=0.5")
-    report = json.loads((out / "report.json").read_text())
+def test_capfilt_job_submits_and_succeeds(jobs):
+    folder, process = jobs["capfilt"]
+    finish(process)
+    report = json.loads((folder / "out" / "report.json").read_text())
     assert report["invariant_holds"]
     counts = report["counts"]
     assert counts["input"] == counts["kept"] + counts["filtered"] + counts["rejected"] > 0
 
 
-def test_serving_job_submits_deploys_answers_and_removes_its_app(head):
-    port = free_port()
-    output = submit(head, "python", "-m", "pipelines.serve", "--check", f"http.port={port}", "replica.num_cpus=0.5",
-                    "http.ingress_num_cpus=0.1", "autoscaling.max_replicas=1", "http.app_name=submitted")
+def test_serving_job_submits_deploys_answers_and_removes_its_app(jobs):
+    port, process = jobs["serve"]
+    output = finish(process)
     assert f"serving blip2-toy-instruct-opt at http://127.0.0.1:{port}" in output
     assert '"status": "ok"' in output and '"caption":' in output  # /healthz and /v1/caption answered
 
 
-def test_evaluate_job_submits_and_succeeds(head, tmp_path):
-    from blip2.toyworld.corpus import ToyWorldConfig, write_toyworld
-
-    world = tmp_path / "world"
-    write_toyworld(ToyWorldConfig(web_size=4, clean_size=4, val_size=4, test_size=4, novel_size=4, parquet=False), world)
-    output = submit(head, "python", "-m", "pipelines.evaluate", "task=gqa", "model=toy-instruct-opt",
-                    f"toyworld={world}", f"out={tmp_path / 'gqa'}", "generation.max_new_tokens=3")
+def test_evaluate_job_submits_and_succeeds(jobs):
+    folder, process = jobs["evaluate"]
+    output = finish(process)
     assert "[evaluate] gqa done" in output
-    metrics = json.loads((tmp_path / "gqa" / "metrics.json").read_text())["metrics"]
-    assert metrics["num_questions"] == 4 * 6 and (tmp_path / "gqa" / "predictions.jsonl").exists()
+    metrics = json.loads((folder / "gqa" / "metrics.json").read_text())["metrics"]
+    assert metrics["num_questions"] == 4 * 6 and (folder / "gqa" / "predictions.jsonl").exists()
