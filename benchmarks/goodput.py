@@ -30,7 +30,7 @@ from pathlib import Path
 from blip2.config import load_config
 from blip2.training.goodput import FIXED_COSTS
 from blip2.training.tasks import TASKS
-from pipelines.common import CONFIG_DIR, quiet_progress_bars
+from pipelines.common import CONFIG_DIR, OWN_CLUSTER_RUNTIME_ENV, quiet_progress_bars
 from pipelines.toyworld import ToyWorldJobConfig, ensure_toyworld
 from pipelines.train import DEFAULT_CONFIGS, fit
 
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         world = Path(scratch) / "world"
         ensure_toyworld(ToyWorldJobConfig(out=str(world)))  # the jobs' own world, written before any job is timed
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)  # as `blip2 train` starts it
+        ray.init(address="local", include_dashboard=False, log_to_driver=False,  # as `blip2 train` starts it
+                 runtime_env=OWN_CLUSTER_RUNTIME_ENV)
         try:
             for stage in jobs:
                 start = time.perf_counter()

@@ -36,7 +36,7 @@ from blip2.toyworld.world import decode_image
 from blip2.training.features import FrozenImageEncoder
 from blip2.training.loop import train_locally
 from blip2.training.tasks import TASKS
-from pipelines.common import CONFIG_DIR
+from pipelines.common import CONFIG_DIR, OWN_CLUSTER_RUNTIME_ENV
 from pipelines.train import DEFAULT_CONFIGS, fit
 
 
@@ -82,7 +82,8 @@ def ray_vs_plain(stage: str, steps: int, batch_size: int, world: Path, world_con
                                f"scaling.torch_threads={max(1, cores // workers)}", "feature_cache=false",
                                "eval=[]",  # the ratio reads the training throughput only: no scoring after it
                                "name=bench-ray"])
-    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False,
+             runtime_env=OWN_CLUSTER_RUNTIME_ENV)
     try:
         output = fit(stage, distributed)
     finally:

@@ -125,15 +125,38 @@ def serve_environment(environ: dict | None = None) -> dict[str, str]:
     return added
 
 
+def know_own_cluster() -> None:
+    """Ray worker processes' start-up hook (``worker_process_setup_hook``) for a local instance this project
+    starts: the process's ``RAY_ADDRESS`` becomes its own cluster's GCS address.
+
+    Ray's state API (``ray.util.state``), called with no address inside a worker, reads the address that the
+    last ``ray start`` left in ``/tmp/ray/ray_current_cluster``, not the cluster the worker belongs to;
+    ``ray.init(address="local")`` does not rewrite that file. Ray Train 2.60's placement-group cleaner asks
+    the state API every second whether the run's controller lives: pointed at a stopped or another cluster,
+    each call hangs to its 10 s timeout, and every training run then waits 12 s at its end for the cleaner
+    to stop (measured: a 3-step stage 1 spent 12.7 s of its 23 s there), or the cleaner errs on "multiple
+    active Ray instances" (docs/ray-and-transformers-traps.md)."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+# ``know_own_cluster`` for a Ray instance started here: every worker process of its jobs runs it.
+OWN_CLUSTER_RUNTIME_ENV = {"worker_process_setup_hook": f"{__name__}.{know_own_cluster.__name__}"}
+
+
 def init_ray(address: str = "", num_cpus: int = 0, **options) -> bool:
     """Connect to the cluster at ``address`` — or at ``RAY_ADDRESS``, which ``ray job submit`` sets for its
     jobs — else start a fresh local instance (``num_cpus`` logical CPUs; 0: all), never silently joining a
-    cluster that someone started on this machine with ``ray start``. Does nothing when Ray is already
-    initialised (a test, a notebook, an enclosing job). Returns whether this call started Ray."""
+    cluster that someone started on this machine with ``ray start``; its workers know their own cluster
+    (:func:`know_own_cluster`). Does nothing when Ray is already initialised (a test, a notebook, an
+    enclosing job). Returns whether this call started Ray."""
     import ray
 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS", "")
+    if not address:
+        options.setdefault("runtime_env", OWN_CLUSTER_RUNTIME_ENV)
     ray.init(address=address or "local", num_cpus=None if address else num_cpus or None, **options)  # Ray
     return True

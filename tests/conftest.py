@@ -26,10 +26,11 @@ def ray_local():
     (docs/ray-and-transformers-traps.md, the silent-deadlock trap). Serve runs on it as `blip2 serve` runs
     it: in Ray Serve's throughput mode, unless the environment says otherwise."""
     ray = pytest.importorskip("ray")
-    from pipelines.common import serve_environment
+    from pipelines.common import OWN_CLUSTER_RUNTIME_ENV, serve_environment
 
     serve_environment()  # before Ray starts: its processes read it when they import Serve
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # never join a `ray start` cluster
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,  # never join a `ray start` cluster
+             runtime_env=OWN_CLUSTER_RUNTIME_ENV)  # its workers know their cluster, not the `head` fixture's
     yield ray
     ray.shutdown()
 

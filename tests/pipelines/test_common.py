@@ -35,3 +35,39 @@ def test_serve_environment_sets_throughput_mode_unless_the_environment_says_othe
     opted_out = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
     assert serve_environment(opted_out) == {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
     assert opted_out["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+
+
+def test_workers_of_a_local_instance_know_their_own_cluster(ray_local):
+    """Every worker process of the session's instance (started with ``OWN_CLUSTER_RUNTIME_ENV``, as
+    ``init_ray`` starts one), down to a detached actor created by an actor as Ray Train's controller
+    creates its placement-group cleaner, has ``RAY_ADDRESS`` = its own GCS, and Ray's address lookup
+    (what the state API calls with no address) returns it, whatever the last ``ray start`` wrote down."""
+    import os
+
+    import ray
+
+    own = ray.get_runtime_context().gcs_address
+
+    def seen() -> tuple:
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        return os.environ.get("RAY_ADDRESS"), canonicalize_bootstrap_address_or_die(None)
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def seen(self) -> tuple:
+            return seen()
+
+        def child_seen(self) -> tuple:
+            child = Probe.options(lifetime="detached").remote()
+            try:
+                return ray.get(child.seen.remote())
+            finally:
+                ray.kill(child)
+
+    probe = Probe.remote()
+    try:
+        assert ray.get(probe.seen.remote()) == (own, own)
+        assert ray.get(probe.child_seen.remote()) == (own, own)
+    finally:
+        ray.kill(probe)

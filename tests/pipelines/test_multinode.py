@@ -22,12 +22,13 @@ SCRIPT = textwrap.dedent('''
     from blip2.config import load_config
     from blip2.training.config import Stage1Config
     from pipelines import train
+    from pipelines.common import OWN_CLUSTER_RUNTIME_ENV
 
     tmp = Path(sys.argv[1])
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})  # schedules only
     # 2 CPUs a node: a train worker and a Ray Data read task fit on each, before and after the removal
     nodes = [cluster.add_node(num_cpus=2) for _ in range(3)]
-    ray.init(address=cluster.address)
+    ray.init(address=cluster.address, runtime_env=OWN_CLUSTER_RUNTIME_ENV)  # its workers know this cluster
     config = load_config(Stage1Config, None, [
         f"storage_path={tmp / 'runs'}", f"toyworld={tmp / 'world'}", "world.web_size=40", "world.clean_size=64",
         "world.val_size=10", "world.test_size=32", "world.novel_size=10", "model.hidden_size=64",

@@ -265,11 +265,12 @@ import ray
 from ray.cluster_utils import Cluster
 
 from pipelines import reproduce
+from pipelines.common import OWN_CLUSTER_RUNTIME_ENV
 
 tmp = Path(sys.argv[1])
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})  # schedules only
 nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-ray.init(address=cluster.address)
+ray.init(address=cluster.address, runtime_env=OWN_CLUSTER_RUNTIME_ENV)  # its workers know this cluster
 code = reproduce.main([f"out={tmp / 'out'}", "claims_dir=", "claims=[C3]", "seeds=[0,1]", "cpus_per_trial=1",
                        "world.web_size=0", "world.clean_size=64", "world.val_size=4", "world.test_size=16",
                        "world.novel_size=16", "eval_limit=16",
