@@ -31,7 +31,9 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/blip2 demo
 
-test: setup browser
+# setup and browser side by side (pip and apt each mostly wait on I/O), then the suite
+test:
+	@$(MAKE) --no-print-directory -j2 setup browser
 	$(BIN)/python -m pytest -m "not slow" --durations=10
 
 test-slow: setup
