@@ -132,10 +132,11 @@ def know_own_cluster() -> None:
     Ray's state API (``ray.util.state``), called with no address inside a worker, reads the address that the
     last ``ray start`` left in ``/tmp/ray/ray_current_cluster``, not the cluster the worker belongs to;
     ``ray.init(address="local")`` does not rewrite that file. Ray Train 2.60's placement-group cleaner asks
-    the state API every second whether the run's controller lives: pointed at a stopped or another cluster,
-    each call hangs to its 10 s timeout, and every training run then waits 12 s at its end for the cleaner
-    to stop (measured: a 3-step stage 1 spent 12.7 s of its 23 s there), or the cleaner errs on "multiple
-    active Ray instances" (docs/ray-and-transformers-traps.md)."""
+    the state API every second whether the run's controller lives: pointed at a stopped cluster, each call
+    hangs to its 10 s timeout, and every training run then waits 12 s at its end for the cleaner to stop
+    (measured: a 3-step stage 1 spent 12.7 s of its 23 s there); pointed at another live cluster, it asks
+    that cluster about the controller; with two instances and no file it errs on "multiple active Ray
+    instances" (docs/ray-and-transformers-traps.md, trap 12)."""
     import ray
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address

@@ -3,8 +3,8 @@ python -m pipelines.<job> ...`` against the session's real head (``head`` in ``t
 ``ray start --head`` on loopback, on its own ports). The demo's submitted run is in ``test_demo.py``.
 
 The four jobs are submitted together, as a team shares a cluster, and each test checks its own: most of a
-small job's time is start-up (the job's driver, Ray Train's worker group, Serve), which overlaps (about 75 s
-one after another, about 45 s together on two cores)."""
+small job's time is start-up (the job's driver, Ray Train's worker group, Serve), which overlaps (measured
+on two cores: 77 s one after another, 49 s together; 57 s in a loaded CI run)."""
 
 import json
 
@@ -49,7 +49,7 @@ def jobs(head, tmp_path_factory, small_world):
     }
     started = {name: (where, start_submit(head, *command)) for name, (where, command) in commands.items()}
     yield started
-    for _, process in started.values():  # a test that failed early leaves no job running past the module
+    for _, process in started.values():  # no `ray job submit` outlives the module (its job ends on the head)
         if process.poll() is None:
             process.kill()
             process.wait()
