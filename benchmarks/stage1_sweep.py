@@ -65,6 +65,15 @@ def cached_batches(config) -> list[dict]:
             for s in range(0, len(records) - size + 1, size)]
 
 
+def batches_for(config, cache: dict[int, list[dict]]) -> list[dict]:
+    """:func:`cached_batches` for ``config``'s batch size, computed once per size into ``cache``: a recipe
+    may change ``optim.batch_size``, and the training loop takes its batches as they come."""
+    size = config.optim.batch_size
+    if size not in cache:
+        cache[size] = cached_batches(config)
+    return cache[size]
+
+
 def score_on_val(model_dir: Path, task, world: Path, scales: list[float], images: int, itm_images: int) -> dict:
     """R@1 by ITC, ITM alone and the re-rank at each scale, and ITM's matching figures, on ``val``."""
     from pipelines.evaluate import EvaluateConfig, run
@@ -97,7 +106,8 @@ def sweep(recipes: list[str], base: str, seeds: list[int], steps: int | None, sc
 
     torch.set_num_threads(2)
     world = Path(tempfile.mkdtemp()) / "world"
-    cached, rows = None, []
+    cached: dict[int, list[dict]] = {}  # the feature batches, per batch size (a recipe may change it)
+    rows: list[dict] = []
     for recipe in recipes:
         for seed in seeds:
             overrides = [f"seed={seed}", "itm_diagnostics=false"]
@@ -106,12 +116,12 @@ def sweep(recipes: list[str], base: str, seeds: list[int], steps: int | None, sc
             overrides += [] if recipe == "base" else recipe.split("+")
             config = base_config(base, overrides)
             task = Stage1Task(config)
-            if cached is None:
-                cached = cached_batches(config)
+            if not cached:
                 write_standard_split(generate_split(config.world, "val"), "val", world)
+            batches = batches_for(config, cached)
             start = time.perf_counter()
             model, history = train_locally(task, lambda epoch: [
-                cached[i] for i in np.random.default_rng([seed, epoch]).permutation(len(cached))])
+                batches[i] for i in np.random.default_rng([seed, epoch]).permutation(len(batches))])
             seconds = time.perf_counter() - start
             model_dir = Path(tempfile.mkdtemp()) / "model"
             export_stage1(model, model_dir)

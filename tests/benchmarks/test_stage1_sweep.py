@@ -3,7 +3,7 @@ training itself is the stage-1 training loop, tested in tests/blip2/training).""
 
 import pytest
 
-from benchmarks.stage1_sweep import base_config, main, summary
+from benchmarks.stage1_sweep import base_config, batches_for, main, summary
 
 
 def test_the_demo_base_is_the_demos_stage1_section_and_recipes_override_it():
@@ -33,3 +33,13 @@ def test_bad_seeds_are_a_usage_error():
     with pytest.raises(SystemExit) as exit_info:
         main(["--seeds", "zero"])
     assert exit_info.value.code == 2
+
+
+def test_each_batch_size_gets_its_own_feature_batches():
+    """A recipe that changes ``optim.batch_size`` trains at that size, not at the first recipe's."""
+    cache: dict = {}
+    small = ["world.clean_size=48"]
+    of_16 = batches_for(base_config("demo", [*small, "optim.batch_size=16"]), cache)
+    of_8 = batches_for(base_config("demo", [*small, "optim.batch_size=8"]), cache)
+    assert [len(b["image_embeds"]) for b in of_16] == [16] * 3 and [len(b["image_embeds"]) for b in of_8] == [8] * 6
+    assert batches_for(base_config("demo", [*small, "optim.batch_size=16", "seed=1"]), cache) is of_16  # reused
