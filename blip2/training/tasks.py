@@ -181,6 +181,9 @@ class Stage1Task(TrainingTask):
         loss, max_steps = self.config.loss, self.config.optim.max_steps
         self._objective.itm_weight = loss.itm_weight_at(step, max_steps)
         self._objective.itm_random_negatives = loss.itm_random_negatives_at(step, max_steps)
+        number = step + 1  # the step about to run; the diagnostics join the steps the job logs
+        self._objective.diagnostics = self.config.itm_diagnostics and (
+            number == 1 or number % self.config.log_every == 0 or number == max_steps)
 
     def make_batch(self, batch, rng):
         texts = sample_captions(caption_choices(batch), rng)

@@ -163,6 +163,20 @@ def test_training_follows_the_itm_weight_schedule_step_by_step(records):
     assert (ablated._objective.itc_weight, ablated._objective.itg_weight) == (0.5, 0.0)
 
 
+def test_itm_diagnostics_run_on_the_steps_the_job_logs_and_leave_training_alone(records):
+    """The diagnostics' extra ITM pass runs on the first, every ``log_every``-th and the last step only, and
+    the training it watches is the same as without it."""
+    config = Stage1Config(world=WORLD, model=Stage1ModelConfig(hidden_size=64, num_layers=1, image_text_hidden_size=32,
+                                                               num_query_tokens=4),
+                          optim=OptimConfig(max_steps=5, warmup_steps=0, batch_size=8), log_every=2)
+    _, history = train_locally(Stage1Task(config), lambda epoch: [layouts(records)["webdataset"]])
+    assert [h["step"] for h in history if "itm_acc_positive" in h] == [1, 2, 4, 5]
+    _, plain = train_locally(Stage1Task(dataclasses.replace(config, itm_diagnostics=False)),
+                             lambda epoch: [layouts(records)["webdataset"]])
+    assert not any("itm_acc_positive" in h for h in plain)
+    assert [h["loss"] for h in plain] == pytest.approx([h["loss"] for h in history], rel=1e-6)
+
+
 @pytest.mark.parametrize("llm", ["opt", "t5"])
 def test_stage2_starts_from_stage1_and_trains_only_the_bridge(records, stage1_dir, tmp_path, llm):
     task = Stage2Task(Stage2Config(world=WORLD, stage1=str(stage1_dir), llm=llm))
