@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from blip2.capfilt.config import CapFiltConfig
-from blip2.config import from_dict, to_dict
+from blip2.config import from_dict, load_config, to_dict
 from blip2.training.config import InstructConfig, Stage1Config, Stage2Config
 from pipelines.backbones import BackbonesJobConfig
 from pipelines.common import CONFIG_DIR
@@ -114,3 +114,20 @@ def test_a_shipped_config_holds_only_what_differs_from_the_defaults(name):
     data = yaml.safe_load((CONFIG_DIR / name).read_text()) or {}
     defaults = to_dict(from_dict(config_cls, {}))
     assert _restated(data, defaults) == [], f"{name} restates the defaults of {config_cls.__name__}"
+
+
+def test_the_demos_stage1_padding_holds_every_toy_caption_whole():
+    """demo.yaml pads stage-1 captions to a short fixed length for speed: that gives the same losses only
+    while no caption is cut, so every text the toy world writes (the alt-texts of every split, junk and
+    wrong ones included) fits it with its special tokens."""
+    from transformers import AutoTokenizer
+
+    from blip2.backbones.build import find_backbones
+    from blip2.toyworld.corpus import SPLITS, ToyWorldConfig, generate_split
+    demo = load_config(DemoConfig, CONFIG_DIR / "demo.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(find_backbones("").qformer_tokenizer)
+    world = ToyWorldConfig(web_size=600, clean_size=300, val_size=50, test_size=50, novel_size=50)
+    texts = {text for split in SPLITS for r in generate_split(world, split) for text in [r.alt_text]}
+    longest = max(len(ids) for ids in tokenizer(sorted(texts))["input_ids"])
+    for section in (demo.bootstrap_filter, demo.stage1):
+        assert longest <= section.model.max_text_length < 32, (longest, section.model.max_text_length)

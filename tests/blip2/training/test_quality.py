@@ -37,7 +37,7 @@ from pipelines.evaluate import EvaluateConfig, run
 FAST_BAR = 0.6  # text->image R@1 attribute-level among 100 images, ITC ranking (chance a few percent)
 FAST_ITM_BAR = 0.8  # pairwise ITM accuracy against random wrong captions (chance 0.5)
 # One fast run for every test here: the demo's stage-1 recipe (its `stage1` section of
-# pipelines/configs/demo.yaml: 300 steps, captions padded to 20 tokens, BLIP-2's constant ITM weight with
+# pipelines/configs/demo.yaml: 300 steps, captions padded to 16 tokens, BLIP-2's constant ITM weight with
 # every ITM negative drawn at random). Chosen on `val` for the demo (benchmarks/stage1_sweep.py, seeds 0,
 # 1, 2; docs/training.md): t2i R@1 attribute-level ITC 0.927 / 0.915 / 0.748 and ITM pairwise random /
 # one-attribute-wrong 0.995 / 0.875, 0.96 / 0.905, 0.975 / 0.91. It replaces two runs (150 steps at
