@@ -166,10 +166,12 @@ def feature_cache(config: TrainConfig, task: TrainingTask, data: ray.data.Datase
         batch_size=config.optim.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=scaling.num_workers),
         num_cpus=scaling.cpus_per_worker, num_gpus=scaling.gpus_per_worker if scaling.use_gpu else 0)
+    if config.materialize_data:  # encode once into the object store, write the cache from there, train from
+        encoded = encoded.materialize()  # there: no second pass that reads the cache back  # Ray Data
     encoded.write_parquet(str(cache / "data"))
     marker.write_text(json.dumps(key))
     log(f"feature cache: wrote {cache} in {time.perf_counter() - start:.1f}s")
-    return ray.data.read_parquet(str(cache / "data"))
+    return encoded if config.materialize_data else ray.data.read_parquet(str(cache / "data"))
 
 
 def train_dataset(config: TrainConfig, task: TrainingTask, clock: dict[str, float]) -> tuple[ray.data.Dataset, dict]:
