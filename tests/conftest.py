@@ -1,6 +1,15 @@
-"""Shared fixtures: a small toy world written once per session, and one local Ray instance."""
+"""Shared fixtures: a small toy world written once per session, one local Ray instance, and the tests that
+run in their own process started early (``early_process``)."""
 
 from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,3 +52,71 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tests whose work is one process of its own (a multi-node cluster, a benchmark that starts its own Ray
+# instance) declare its command with ``@pytest.mark.early_process(command=f)``, ``f(directory) -> argv`` (a keyword:
+# a mark called with one bare function decorates that function instead).
+# When the selected tests include one, its process starts as collection ends and runs beside the tests
+# before it (they leave about 30% of two cores idle, waiting on processes and Ray); the test then waits for
+# it through the ``early_process`` fixture and checks what it did. Selected alone, it runs at once.
+
+
+@dataclass
+class EarlyProcess:
+    directory: Path  # the command's own directory (it writes there), removed at the session's end
+    process: subprocess.Popen
+    log: Path  # its stdout and stderr
+    started: float
+
+    @classmethod
+    def start(cls, command: Callable[[Path], list[str]]) -> EarlyProcess:
+        directory = Path(tempfile.mkdtemp(prefix="early-"))
+        log = directory / "log.txt"
+        with log.open("w") as handle:
+            process = subprocess.Popen(command(directory), stdout=handle, stderr=subprocess.STDOUT, text=True)
+        return cls(directory, process, log, time.monotonic())
+
+    def wait(self, timeout: float) -> tuple[int, str]:
+        """Its exit code and output, once it ends; fails the test if it runs ``timeout`` s past its start."""
+        try:
+            code = self.process.wait(timeout=max(1.0, timeout - (time.monotonic() - self.started)))
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            pytest.fail(f"still running {timeout:.0f} s after it started:\n" + self.log.read_text()[-4000:])
+        return code, self.log.read_text()
+
+
+_EARLY: dict[str, EarlyProcess] = {}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "early_process(command=f): the test's own process, started as collection "
+                                       "ends (tests/conftest.py)")
+
+
+def pytest_collection_finish(session):
+    for item in session.items:
+        marker = item.get_closest_marker("early_process")
+        if marker is not None and item.nodeid not in _EARLY:
+            _EARLY[item.nodeid] = EarlyProcess.start(marker.kwargs["command"])
+
+
+def pytest_sessionfinish(session):
+    for early in _EARLY.values():
+        if early.process.poll() is None:
+            early.process.kill()
+            early.process.wait()
+        shutil.rmtree(early.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def early_process(request) -> EarlyProcess:
+    """This test's process (its ``early_process`` marker), started early or, if it was not, now."""
+    marker = request.node.get_closest_marker("early_process")
+    if marker is None:
+        raise pytest.UsageError("the early_process fixture needs @pytest.mark.early_process(command=...)")
+    if request.node.nodeid not in _EARLY:
+        _EARLY[request.node.nodeid] = EarlyProcess.start(marker.kwargs["command"])
+    return _EARLY[request.node.nodeid]

@@ -1,11 +1,12 @@
 """Training over a two-node Ray cluster on one machine (``ray.cluster_utils.Cluster``): the workers are
 spread over both worker nodes, one node is removed mid-run, and the job still finishes from its last
-checkpoint. Runs in its own process: a test session's Ray instance cannot also be a multi-node cluster."""
+checkpoint. Runs in its own process (a test session's Ray instance cannot also be a multi-node cluster),
+started as the session's collection ends (``early_process``, tests/conftest.py)."""
 
 import json
-import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -71,17 +72,15 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_training_spreads_over_nodes_and_survives_losing_one(tmp_path):
-    log = tmp_path / "log.txt"
-    with log.open("w") as handle:
-        try:
-            result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], stdout=handle,
-                                    stderr=subprocess.STDOUT, text=True, timeout=560)
-        except subprocess.TimeoutExpired:
-            pytest.fail("timed out:\n" + log.read_text()[-4000:])
-    output = log.read_text()
+def multinode_command(directory: Path) -> list[str]:
+    return [sys.executable, "-c", SCRIPT, str(directory)]
+
+
+@pytest.mark.early_process(command=multinode_command)  # started as collection ends: it runs beside the tests before it
+def test_training_spreads_over_nodes_and_survives_losing_one(early_process):
+    code, output = early_process.wait(timeout=560)
     lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
-    assert result.returncode == 0 and lines, output[-4000:]
+    assert code == 0 and lines, output[-4000:]
     outcome = json.loads(lines[-1].removeprefix("RESULT "))
     assert outcome["spread"] == 2, outcome  # one worker on each of two nodes
     assert outcome["steps"] == 40
