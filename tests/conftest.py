@@ -3,6 +3,7 @@ run in their own process started early (``early_process``)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -60,7 +61,8 @@ def one_thread():
 # a mark called with one bare function decorates that function instead).
 # When the selected tests include one, its process starts as collection ends and runs beside the tests
 # before it (they leave about 30% of two cores idle, waiting on processes and Ray); the test then waits for
-# it through the ``early_process`` fixture and checks what it did. Selected alone, it runs at once.
+# it through the ``early_process`` fixture and checks what it did. Selected alone, it runs at once. It runs
+# at a lower priority (nice 10): beside the tests it should fill idle CPU, not compete for the busy part.
 
 
 @dataclass
@@ -75,7 +77,9 @@ class EarlyProcess:
         directory = Path(tempfile.mkdtemp(prefix="early-"))
         log = directory / "log.txt"
         with log.open("w") as handle:
-            process = subprocess.Popen(command(directory), stdout=handle, stderr=subprocess.STDOUT, text=True)
+            # niced: it should take the CPU the tests in front leave idle, not slow them down
+            process = subprocess.Popen(command(directory), stdout=handle, stderr=subprocess.STDOUT, text=True,
+                                       preexec_fn=lambda: os.nice(10))
         return cls(directory, process, log, time.monotonic())
 
     def wait(self, timeout: float) -> tuple[int, str]:
