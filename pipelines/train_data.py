@@ -166,8 +166,8 @@ def feature_cache(config: TrainConfig, task: TrainingTask, data: ray.data.Datase
         batch_size=config.optim.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=scaling.num_workers),
         num_cpus=scaling.cpus_per_worker, num_gpus=scaling.gpus_per_worker if scaling.use_gpu else 0)
-    if config.materialize_data:  # encode once into the object store, write the cache from there, train from
-        encoded = encoded.materialize()  # there: no second pass that reads the cache back  # Ray Data
+    if config.materialize_data:  # encoded once into the object store: the cache is written from there and
+        encoded = encoded.materialize()  # training reads it there, not back from Parquet  # Ray Data
     encoded.write_parquet(str(cache / "data"))
     marker.write_text(json.dumps(key))
     log(f"feature cache: wrote {cache} in {time.perf_counter() - start:.1f}s")
