@@ -106,6 +106,13 @@ class EarlyProcess:
 _EARLY: dict[str, EarlyProcess] = {}
 
 
+def _early(item) -> EarlyProcess:
+    """The process of ``item`` (a test with an ``early_process`` marker), started on the first call."""
+    if item.nodeid not in _EARLY:
+        _EARLY[item.nodeid] = EarlyProcess.start(item.get_closest_marker("early_process").kwargs["command"])
+    return _EARLY[item.nodeid]
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "early_process(command=f): the test's own process, started as collection "
                                        "ends (tests/conftest.py)")
@@ -120,9 +127,8 @@ def pytest_collection_finish(session):
     if session.config.option.collectonly:
         return
     for item in session.items:
-        marker = item.get_closest_marker("early_process")
-        if marker is not None and item.nodeid not in _EARLY:
-            _EARLY[item.nodeid] = EarlyProcess.start(marker.kwargs["command"])
+        if item.get_closest_marker("early_process") is not None:
+            _early(item)
 
 
 def pytest_sessionfinish(session):
@@ -134,9 +140,6 @@ def pytest_sessionfinish(session):
 @pytest.fixture
 def early_process(request) -> EarlyProcess:
     """This test's process (its ``early_process`` marker), started early or, if it was not, now."""
-    marker = request.node.get_closest_marker("early_process")
-    if marker is None:
+    if request.node.get_closest_marker("early_process") is None:
         raise pytest.UsageError("the early_process fixture needs @pytest.mark.early_process(command=...)")
-    if request.node.nodeid not in _EARLY:
-        _EARLY[request.node.nodeid] = EarlyProcess.start(marker.kwargs["command"])
-    return _EARLY[request.node.nodeid]
+    return _early(request.node)

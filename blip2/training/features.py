@@ -3,8 +3,9 @@
 Stage 1 runs its frozen image encoder on every image of every epoch, although the encoder never changes
 and, without augmentation, neither do its inputs. :class:`FrozenImageEncoder` turns batches of records
 into batches of ``image_embeds`` (the encoder's last hidden state, what the Q-Former cross-attends to)
-carrying the captions along; ``pipelines/train.py`` runs it as a Ray Data stage that writes Parquet
-once, and trains from that. Training from the cache gives the same losses as training from pixels.
+carrying the captions along; ``pipelines/train_data.py`` runs it as a Ray Data stage once, writes the
+result to Parquet (reused by a later run) and trains from it (held in the object store when the job
+materialises its data, else read back). Training from the cache gives the same losses as training from pixels.
 """
 
 from __future__ import annotations

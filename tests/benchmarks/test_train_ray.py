@@ -17,7 +17,7 @@ def train_ray_command(directory: Path) -> list[str]:
 
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-@pytest.mark.early_process(command=train_ray_command)  # started as collection ends: it runs beside the tests before it
+@pytest.mark.early_process(command=train_ray_command)  # started as collection ends, run beside the other tests
 def test_train_ray_benchmark_reports_both_ratios(early_process):
     code, output = early_process.wait(timeout=2400)  # from its start, early in the session
     assert code == 0, output[-4000:]

@@ -124,10 +124,11 @@ def test_the_demos_stage1_padding_holds_every_toy_caption_whole():
 
     from blip2.backbones.build import find_backbones
     from blip2.toyworld.corpus import SPLITS, ToyWorldConfig, generate_split
+
     demo = load_config(DemoConfig, CONFIG_DIR / "demo.yaml")
     tokenizer = AutoTokenizer.from_pretrained(find_backbones("").qformer_tokenizer)
     world = ToyWorldConfig(web_size=600, clean_size=300, val_size=50, test_size=50, novel_size=50)
-    texts = {text for split in SPLITS for r in generate_split(world, split) for text in [r.alt_text]}
+    texts = {r.alt_text for split in SPLITS for r in generate_split(world, split)}
     longest = max(len(ids) for ids in tokenizer(sorted(texts))["input_ids"])
     for section in (demo.bootstrap_filter, demo.stage1):
         assert longest <= section.model.max_text_length < 32, (longest, section.model.max_text_length)

@@ -76,7 +76,7 @@ def multinode_command(directory: Path) -> list[str]:
     return [sys.executable, "-c", SCRIPT, str(directory)]
 
 
-@pytest.mark.early_process(command=multinode_command)  # started as collection ends: it runs beside the tests before it
+@pytest.mark.early_process(command=multinode_command)  # started as collection ends, run beside the other tests
 def test_training_spreads_over_nodes_and_survives_losing_one(early_process):
     code, output = early_process.wait(timeout=2400)  # from its start, early in the session
     lines = [line for line in output.splitlines() if line.startswith("RESULT ")]

@@ -80,7 +80,7 @@ def _registered_step(run_dir) -> int | None:
 
 def test_the_data_handed_to_ray_train_keeps_ray_data_s_order_and_every_record(tmp_path, ray_local, monkeypatch):
     """The dataset a job gives Ray Train (many small shards of two sources, decoded, stage 1's feature cache
-    written and read back, materialised, blocks shuffled by the seed) is built with Ray Data's order kept
+    computed and written, materialised, blocks shuffled by the seed) is built with Ray Data's order kept
     (``preserve_order``, which Ray Train's ingest copies), even where the process's context had it off: by
     default Ray Data passes blocks on as their tasks finish, and a 30-step stage 1 run twice with one seed
     then had different losses from step 1. It holds every kept record once. (Two builds of it were once
