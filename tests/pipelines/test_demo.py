@@ -1,17 +1,21 @@
 """`blip2 demo`, the README's main command, end to end: a small world and tiny budgets, every step for
 real (Ray Data audit and CapFilt, five Ray Train runs, Ray Serve over HTTP). The whole workflow runs once,
-submitted to a real cluster (``ray job submit --working-dir .`` to the session's ``ray start --head``);
-then a re-run in this process, on the session's local Ray instance, reuses what is done and redoes only
-what a changed config touches (one run of each kind: the whole workflow is the suite's costliest test)."""
+submitted to a real cluster (``ray job submit --working-dir .`` to a ``ray start --head`` of its own), as
+one process beside the session's other tests (``early_process``, tests/conftest.py: the submitted run is
+the suite's costliest work, and most of it waits on start-ups); then a re-run in this process, on the
+session's local Ray instance, reuses what is done and redoes only what a changed config touches (one run
+of each kind)."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 from transformers import Blip2ForImageTextRetrieval, InstructBlipForConditionalGeneration
 
 from pipelines import demo
 from pipelines.serve import serve_is_running
-from tests.pipelines.conftest import free_port, submit
+from tests.pipelines.head import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -39,12 +43,22 @@ def tiny(out, port) -> list[str]:
     return args
 
 
-@pytest.mark.timeout(1500)  # the whole workflow, then its re-run: the two 900 s tests it replaces, in one
+def submitted_demo(directory: Path) -> list[str]:
+    """The early process: a head of its own, the demo submitted to it (tests/pipelines/head.py)."""
+    return [sys.executable, str(Path(__file__).with_name("head.py")), str(directory), "--",
+            "python", "-m", "pipelines.demo", *tiny(directory / "demo", free_port())]
+
+
+@pytest.mark.early_process(command=submitted_demo)
+@pytest.mark.timeout(1500)  # the wait below is bounded by its own timeout, from the process's start
 def test_demo_submitted_runs_from_corpus_to_served_endpoint_then_reuses_its_steps_in_process(
-        tmp_path, head, ray_local, capsys):
-    out = tmp_path / "demo"
-    args = tiny(out, free_port())
-    printed = submit(head, "python", "-m", "pipelines.demo", *args, timeout=1200)  # its output reaches `ray job submit`
+        early_process, ray_local, capsys):
+    code, printed = early_process.wait(timeout=2400)  # its output reaches `ray job submit`, then this log
+    assert code == 0, printed[-4000:]
+    assert "succeeded" in printed.lower(), printed[-4000:]
+    out = early_process.directory / "demo"
+    command = early_process.process.args
+    args = command[command.index("pipelines.demo") + 1:]  # the submitted run's own, for the re-run below
     report = json.loads((out / "report.json").read_text())
     results = report["results"]
 
