@@ -207,13 +207,14 @@ class Predict:
             out["features"] = np.zeros((len(images), *shape), dtype=np.float32)
             if ok:
                 out["features"][ok] = features
-        else:  # itm
-            logits = []
-            for image, candidates in zip(images, batch["candidates"]):
-                texts = json.loads(candidates)
-                logits.append(json.dumps(self.predictor.itm_logits(image, texts) if image is not None
-                                         else [-1e4] * len(texts)))
-            out["logits"] = np.array(logits, dtype=object)
+        else:  # itm: every readable image's candidates, scored together
+            candidates = [json.loads(texts) for texts in batch["candidates"]]
+            logits = [[-1e4] * len(texts) for texts in candidates]
+            if ok:
+                scored = self.predictor.itm_logits([images[i] for i in ok], [candidates[i] for i in ok])
+                for i, values in zip(ok, scored):
+                    logits[i] = values
+            out["logits"] = np.array([json.dumps(values) for values in logits], dtype=object)
         return out
 
 

@@ -117,16 +117,23 @@ class SetPredictor:
         return self._retrieval().model.text_features(*self._text_inputs(texts)).float().cpu().numpy()
 
     @torch.no_grad()
-    def itm_logits(self, image: Image.Image, texts: Sequence[str], batch_size: int = 64) -> list[float]:
-        """ITM match-minus-no-match logit of ``image`` with each text; the image is encoded once."""
+    def itm_logits(self, images: Sequence[Image.Image], texts: Sequence[Sequence[str]],
+                   batch_size: int = 64) -> list[list[float]]:
+        """ITM match-minus-no-match logit of ``images[i]`` with each text of ``texts[i]``: the images are
+        encoded together, once, and every (image, text) pair is scored in batches of ``batch_size`` pairs
+        across images (one image at a time ran the image encoder and the Q-Former on a handful of pairs)."""
         model = self._retrieval().model
-        image_embeds = self._image_embeds([image])  # (1, P, D_vision)
-        logits = []
-        for start in range(0, len(texts), batch_size):
-            ids, mask = self._text_inputs(texts[start : start + batch_size])
-            pair = model.itm_logits(image_embeds.expand(len(ids), -1, -1), ids, mask).float()  # (b, 2)
-            logits += (pair[:, 1] - pair[:, 0]).tolist()
-        return logits
+        image_embeds = self._image_embeds(images)  # (B, P, D_vision)
+        pairs = [(i, text) for i, candidates in enumerate(texts) for text in candidates]
+        flat: list[float] = []
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            ids, mask = self._text_inputs([text for _, text in chunk])
+            which = torch.tensor([i for i, _ in chunk], device=self.device)
+            pair = model.itm_logits(image_embeds[which], ids, mask).float()  # (b, 2)
+            flat += (pair[:, 1] - pair[:, 0]).tolist()
+        ends = np.cumsum([len(candidates) for candidates in texts]).tolist()
+        return [flat[end - len(candidates) : end] for end, candidates in zip(ends, texts)]
 
 
 def itc_similarity(image_features: np.ndarray, text_features: np.ndarray, chunk: int = 1024) -> torch.Tensor:
