@@ -23,13 +23,34 @@ SCRIPT = textwrap.dedent('''
     from blip2.config import load_config
     from blip2.training.config import Stage1Config
     from pipelines import train
-    from pipelines.common import OWN_CLUSTER_RUNTIME_ENV
 
     tmp = Path(sys.argv[1])
+    gate = tmp / "node-removed"
+
+    def hold_after_first_checkpoint():
+        """Every Ray worker process's start-up hook: its workers know this cluster (as the jobs' own hook
+        does), and a training worker waits after its first report (step 5, checkpointed) until the node is gone, so
+        the removal lands mid-run however slowly this background process is scheduled. Without it the 35
+        steps left could finish between the driver seeing the checkpoint and removing the node (seen once
+        in CI: the run never restarted)."""
+        import ray.train
+        from pipelines.common import know_own_cluster
+
+        know_own_cluster()
+        report = ray.train.report
+
+        def held(metrics, *args, **kwargs):
+            report(metrics, *args, **kwargs)
+            waited = time.monotonic()
+            while not gate.exists() and time.monotonic() - waited < 600:  # the restarted run passes at once
+                time.sleep(0.1)
+
+        ray.train.report = held
+
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})  # schedules only
     # 2 CPUs a node: a train worker and a Ray Data read task fit on each, before and after the removal
     nodes = [cluster.add_node(num_cpus=2) for _ in range(3)]
-    ray.init(address=cluster.address, runtime_env=OWN_CLUSTER_RUNTIME_ENV)  # its workers know this cluster
+    ray.init(address=cluster.address, runtime_env={"worker_process_setup_hook": hold_after_first_checkpoint})
     config = load_config(Stage1Config, None, [
         f"storage_path={tmp / 'runs'}", f"toyworld={tmp / 'world'}", "world.web_size=40", "world.clean_size=64",
         "world.val_size=10", "world.test_size=32", "world.novel_size=10", "model.hidden_size=64",
@@ -63,6 +84,7 @@ SCRIPT = textwrap.dedent('''
     spread = len(hosts())
     removed = hosts()[0]
     cluster.remove_node(removed, allow_graceful=False)
+    gate.touch()
     thread.join(timeout=400)
     report = json.loads((outcome["output"] / "report.json").read_text())
     print("RESULT " + json.dumps({"spread": spread, "steps": report["steps"], "started_at": report["started_at"],
