@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     noisy = {k: v for k, v in manifest["noise"].items() if k != "none"}
     total = sum(manifest["noise"].values())
     log(f"  web alt-texts wrong: {sum(noisy.values())}/{total} ({', '.join(f'{k} {v}' for k, v in noisy.items())})")
-    log(f"  novel colour x shape pairs (absent from every other split): "
+    log("  novel colour x shape pairs (absent from every other split): "
         + ", ".join(f"{c} {s}" for c, s in manifest["novel_pairs"]))
     if config.world.standard:
         log(f"  val/test/novel also in COCO captions, Karpathy, VQAv2 and GQA formats under {config.out}/standard "

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from blip2.capfilt.outputs import FOLDERS, completed_shards
+from blip2.capfilt.outputs import completed_shards
 from blip2.metrics import filter_precision_recall
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from blip2.toyworld.selection import check_report_split
 from blip2.toyworld.standard import HELD_OUT_SPLITS, write_standard_split
-from blip2.toyworld.text import CAPTION_TEMPLATES, caption, junk_text, random_caption
+from blip2.toyworld.text import CAPTION_TEMPLATES, junk_text, random_caption
 from blip2.toyworld.world import (
     ATTRIBUTES,
     COLOURS,

@@ -1,7 +1,6 @@
 """CapFilt library (no Ray): readers, record validation, selection, outputs, accounting, report, models."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq

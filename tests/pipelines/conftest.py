@@ -5,9 +5,9 @@ import subprocess
 
 import pytest
 
-from tests.pipelines.head import Head, free_port
+from tests.pipelines.head import Head
 
-__all__ = ["free_port", "start_submit", "finish"]  # free_port: for the tests, from head.py
+__all__ = ["start_submit", "finish"]
 
 
 @pytest.fixture(scope="session")

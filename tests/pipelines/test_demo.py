@@ -15,7 +15,7 @@ from transformers import Blip2ForImageTextRetrieval, InstructBlipForConditionalG
 
 from pipelines import demo
 from pipelines.serve import serve_is_running
-from tests.pipelines.head import free_port
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 

@@ -10,7 +10,8 @@ import json
 
 import pytest
 
-from tests.pipelines.conftest import finish, free_port, start_submit
+from tests.pipelines.conftest import finish, start_submit
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import io
 import json
-import socket
 import time
 
 import httpx
@@ -18,6 +17,7 @@ from PIL import Image
 from blip2.config import load_config
 from pipelines.common import CONFIG_DIR
 from pipelines.serve import ServeConfig, application, main
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -32,12 +32,6 @@ TEST_OVERRIDES = [
     "limits.max_image_pixels=1000000", "limits.max_new_tokens=16", "limits.default_max_new_tokens=6",
     "replica.stream_interval_s=0",  # a piece of text per token: the streaming tests see pieces even on the toy
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def png(color=(200, 30, 30), size=(64, 64)) -> bytes:

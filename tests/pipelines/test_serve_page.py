@@ -23,7 +23,8 @@ from blip2.toyworld.world import all_attributes, render
 from pipelines.common import CONFIG_DIR
 from pipelines.serve import ServeConfig, application
 from tests.blip2.test_serving_runtime import write_salesforce_layout_retrieval
-from tests.pipelines.test_serve import b64, data_url, free_port, png
+from tests.pipelines.test_serve import b64, data_url, png
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 

@@ -4,7 +4,6 @@ loss on the concatenated batch."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from blip2.models.losses import (
     positive_mask_from_ids,
     sample_hard_negatives,
 )
+from tests.ports import free_port
 
 Q, D = 3, 16
 
@@ -303,12 +303,6 @@ def test_lm_loss_without_any_label_is_zero_not_nan():
 # --- two real workers ----------------------------------------------------------------------------------
 
 WORLD, LOCAL = 2, 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_worker_run(rank: int, port: int, data: dict, out_dir: str):

@@ -11,7 +11,6 @@ training reports do (the fast tier in this process: ``num_actors=0``).
 import base64
 import contextlib
 import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from blip2.training.tasks import Stage1Task
 from blip2.training.trials import torch_threads
 from pipelines.common import CONFIG_DIR
 from pipelines.evaluate import EvaluateConfig, run
+from tests.ports import free_port
 
 FAST_BAR = 0.6  # text->image R@1 attribute-level among 100 images, ITC ranking (chance a few percent)
 FAST_ITM_BAR = 0.8  # pairwise ITM accuracy against random wrong captions (chance 0.5)
@@ -111,9 +111,7 @@ def served_stage1(model_dir: Path, backbones: ToyBackbones):
 
     from pipelines.serve import ServeConfig, application
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     config = load_config(ServeConfig, CONFIG_DIR / "serve_toy.yaml", [
         "model.source=toy-opt", f"model.retrieval={model_dir}", f"model.retrieval_tokenizer={backbones.qformer_tokenizer}",
         f"model.retrieval_image_processor={backbones.vision}", "replica.num_cpus=0.5", "http.ingress_num_cpus=0.1",
