@@ -151,7 +151,7 @@ def test_openai_client_plain_and_streamed(server):
     pieces = [c.choices[0].delta.content for c in api.chat.completions.create(
         model=config.model.id, messages=messages, max_tokens=12, extra_body=forced, stream=True) if c.choices]
     assert whole.usage.completion_tokens == 12 and "".join(p or "" for p in pieces) == whole.choices[0].message.content
-    assert len([p for p in pieces if p]) >= 3, pieces
+    assert len([p for p in pieces if p]) >= 2, pieces  # more than one (pieces queued behind the consumer merge)
 
     with pytest.raises(openai.NotFoundError):
         api.chat.completions.create(model="no-such-model", messages=messages)
@@ -196,7 +196,10 @@ def test_caption_and_answer_stream_over_plain_http(server):
         with client.stream("POST", route, json={**body, "stream": True}) as response:
             assert response.status_code == 200
             events = sse(response)
-        assert events[-1] == "[DONE]" and len(events) >= 4  # several pieces, then the end
+        # more than one piece, then the end. Not "one per token" even at stream_interval_s=0: pieces that queue
+        # up while the stream waits on its consumer leave as one (serve_model.py), and under load the first
+        # piece and the other nine were once all there was (CI)
+        assert events[-1] == "[DONE]" and len(events) >= 3, events
         chunks = events[:-1]
         assert "".join(c[key] for c in chunks) == plain[key] and plain["usage"]["completion_tokens"] == 10
         assert [c["finish_reason"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)
