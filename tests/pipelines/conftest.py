@@ -7,7 +7,7 @@ import pytest
 
 from tests.pipelines.head import Head
 
-__all__ = ["start_submit", "finish"]
+__all__ = ["finish"]
 
 
 @pytest.fixture(scope="session")
@@ -23,14 +23,8 @@ def head(tmp_path_factory) -> Head:
     started.stop()
 
 
-def start_submit(head: Head, *command: str) -> subprocess.Popen:
-    """``ray job submit --working-dir . -- <command>`` to ``head``, started: the CLI streams the job's output
-    and exits when the job ends (0 if it succeeded). Several may run at once; :func:`finish` each."""
-    return head.submit(*command)
-
-
 def finish(process: subprocess.Popen, timeout: float = 800) -> str:
-    """Wait for a :func:`start_submit`; the job must have succeeded. Its output."""
+    """Wait for a ``Head.submit`` (tests/pipelines/head.py); the job must have succeeded. Its output."""
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

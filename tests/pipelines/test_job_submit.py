@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.pipelines.conftest import finish, start_submit
+from tests.pipelines.conftest import finish
 from tests.ports import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
@@ -48,7 +48,7 @@ def jobs(head, tmp_path_factory, small_world):
             "python", "-m", "pipelines.evaluate", "task=gqa", "model=toy-instruct-opt", f"toyworld={evaluate / 'world'}",
             f"out={evaluate / 'gqa'}", "generation.max_new_tokens=3"]),
     }
-    started = {name: (where, start_submit(head, *command)) for name, (where, command) in commands.items()}
+    started = {name: (where, head.submit(*command)) for name, (where, command) in commands.items()}
     yield started
     for _, process in started.values():  # no `ray job submit` outlives the module (its job ends on the head)
         if process.poll() is None:
