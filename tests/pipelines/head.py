@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,10 @@ from tests.ports import free_port  # noqa: E402
 class Head:
     process: subprocess.Popen  # `ray start --head --block`, leader of its own process group
     address: str  # the dashboard's, for `ray job submit --address`
+    gcs_address: str  # what its jobs' drivers connect to (their RAY_ADDRESS)
     env: dict  # what `ray job ...` calls need (token auth off, this environment's `python` first)
     bin_dir: Path
+    temp_dir: Path  # Ray's session files and logs (kept after it stops, as in Ray's default /tmp/ray)
 
     @classmethod
     def start(cls, log: Path, timeout: float = 120) -> Head:
@@ -44,30 +47,39 @@ class Head:
                # end of a test session, so the head stops at once (about 35 s less teardown)
                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
                "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}  # the jobs' `python` is this environment's
-        dashboard = free_port()
+        dashboard, gcs = free_port(), free_port()
+        # A temp dir of its own, not Ray's machine-wide /tmp/ray: a job's supervisor gives the job's driver
+        # the GCS address it reads from `<temp dir>/ray_current_cluster`, which the last `ray start` with that
+        # temp dir wrote. With the default, a cluster started on this machine after this head (another
+        # test's head, a `ray.cluster_utils.Cluster`) received this head's jobs: their tasks failed there,
+        # unable to fetch the job's working_dir package from that cluster's GCS (or worse, succeeded there)
+        # (docs/ray-and-transformers-traps.md, trap 13). Short, under the system temp dir: Ray's socket paths
+        # inside it must fit Linux's 107 bytes.
+        temp_dir = Path(tempfile.mkdtemp(prefix="ray-head-"))
         with log.open("w") as handle:
             # Its own process group, so that stopping it stops exactly its processes; not a session of its own:
             # with the kernel's autogroup scheduling a new session competes as a whole with the test session.
             process = subprocess.Popen(
                 [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-                 f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                 f"--port={gcs}", f"--temp-dir={temp_dir}",
+                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                  f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
                  "--num-cpus=4", "--include-dashboard=true"],
                 env=env, stdout=handle, stderr=subprocess.STDOUT, process_group=0)
-        head = cls(process, f"http://127.0.0.1:{dashboard}", env, bin_dir)
+        head = cls(process, f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", env, bin_dir, temp_dir)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if process.poll() is not None:  # `ray start` gave up (its own start-up timeouts): no use waiting
-                raise RuntimeError(f"the Ray head exited ({process.returncode}) while starting; the end of its log "
-                                   f"({log}):\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"the Ray head exited ({process.returncode}) while starting (Ray's logs: "
+                                   f"{temp_dir}); the end of its log ({log}):\n{log.read_text()[-3000:]}")
             probe = subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", head.address], env=env,
                                    capture_output=True, text=True)
             if probe.returncode == 0:
                 return head
             time.sleep(2)
         head.stop(timeout=0)
-        raise RuntimeError(f"the Ray head did not come up in {timeout:.0f} s; the end of its log ({log}):\n"
-                           f"{log.read_text()[-3000:]}")
+        raise RuntimeError(f"the Ray head did not come up in {timeout:.0f} s (Ray's logs: {temp_dir}); the end of "
+                           f"its log ({log}):\n{log.read_text()[-3000:]}")
 
     def submit(self, *command: str) -> subprocess.Popen:
         """``ray job submit --working-dir . -- <command>``, started: the CLI streams the job's output and

@@ -4,9 +4,17 @@ python -m pipelines.<job> ...`` against the session's real head (``head`` in ``t
 
 The four jobs are submitted together, as a team shares a cluster, and each test checks its own: most of a
 small job's time is start-up (the job's driver, Ray Train's worker group, Serve), which overlaps (measured
-on two cores: 77 s one after another, 49 s together; 57 s in a loaded CI run)."""
+on two cores: 77 s one after another, 49 s together; 57 s in a loaded CI run).
 
+They are submitted while Ray's machine-wide record of the latest cluster names another one, as it does
+whenever a cluster starts on this machine after the head (another head, a ``ray.cluster_utils.Cluster``):
+each job's driver must still run on the head it was submitted to (docs/ray-and-transformers-traps.md,
+trap 13)."""
+
+import contextlib
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -16,9 +24,33 @@ from tests.ports import free_port
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
+@contextlib.contextmanager
+def another_cluster_started_later():
+    """What a ``ray start`` of another cluster on this machine does after the head's: Ray's record of the
+    latest cluster in its default temp dir (``/tmp/ray/ray_current_cluster``) names an address that is not
+    the head's (here one where nothing listens). Put back as it was afterwards."""
+    from ray._private.utils import get_ray_address_file
+
+    record = Path(get_ray_address_file(None))
+    before = record.read_text() if record.exists() else None
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text("127.0.0.1:9")
+    try:
+        yield
+    finally:
+        if before is None:
+            record.unlink(missing_ok=True)
+        else:
+            record.write_text(before)
+
+
 @pytest.fixture(scope="module")
-def jobs(head, tmp_path_factory, small_world):
-    """Every job of this module, submitted at once: name -> (its folder, the started ``ray job submit``)."""
+def jobs(head, ray_local, tmp_path_factory, small_world):
+    """Every job of this module, submitted at once: name -> (its folder, the started ``ray job submit``);
+    "address" -> (the output, the ended ``ray job submit``) of a job that prints its driver's ``RAY_ADDRESS``.
+
+    ``ray_local`` (the session's instance, up anyway in a whole run): Ray's lookup reads the record only when
+    it finds more than one GCS process on the machine; with the head's alone it takes that one."""
     root, _ = small_world
     train, capfilt, evaluate = (tmp_path_factory.mktemp(name) for name in ("train", "capfilt", "evaluate"))
     from blip2.toyworld.corpus import ToyWorldConfig, write_toyworld
@@ -48,12 +80,32 @@ def jobs(head, tmp_path_factory, small_world):
             "python", "-m", "pipelines.evaluate", "task=gqa", "model=toy-instruct-opt", f"toyworld={evaluate / 'world'}",
             f"out={evaluate / 'gqa'}", "generation.max_new_tokens=3"]),
     }
-    started = {name: (where, head.submit(*command)) for name, (where, command) in commands.items()}
-    yield started
-    for _, process in started.values():  # no `ray job submit` outlives the module (its job ends on the head)
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    started = {}
+    try:
+        started.update({name: (where, head.submit(*command)) for name, (where, command) in commands.items()})
+        # Then, with a decoy in the record, one that prints where its driver connects: once it has run, its
+        # supervisor has read the record. (The four above start meanwhile; on a head that followed the record,
+        # any that read the decoy would hang connecting to it: the first test below says why.)
+        with another_cluster_started_later():
+            probe = head.submit("python", "-c",
+                                "import os; print('driver RAY_ADDRESS=' + os.environ['RAY_ADDRESS'])")
+            started["address"] = (finish(probe, timeout=300), probe)
+        yield started
+    finally:  # no `ray job submit` outlives the module (its job ends on the head)
+        for _, process in started.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_jobs_run_on_the_cluster_they_were_submitted_to(jobs, head):
+    """The driver's ``RAY_ADDRESS`` (set by the job's supervisor) is the head's own GCS, not the address in
+    Ray's machine-wide record, which named another cluster when the job was submitted. (Ray writes a
+    loopback host as the machine's address: the port says which GCS.)"""
+    output, _ = jobs["address"]
+    driver = re.search(r"^driver RAY_ADDRESS=(\S+):(\d+)$", output, re.MULTILINE)
+    assert driver, output[-3000:]
+    assert driver.group(2) == head.gcs_address.rsplit(":", 1)[1], output[-3000:]
 
 
 def test_training_job_submits_and_succeeds(jobs):
@@ -88,3 +140,4 @@ def test_evaluate_job_submits_and_succeeds(jobs):
     assert "[evaluate] gqa done" in output
     metrics = json.loads((folder / "gqa" / "metrics.json").read_text())["metrics"]
     assert metrics["num_questions"] == 4 * 6 and (folder / "gqa" / "predictions.jsonl").exists()
+
