@@ -111,6 +111,8 @@ def main(argv: list[str]) -> int:
         stdout, stderr = process.communicate()
         print(stdout, flush=True)
         print(stderr, file=sys.stderr, flush=True)
+        if process.returncode:  # last, so that a failing test's message, the output's end, says where to look
+            print(f"the job failed; Ray's logs for this head (kept): {head.temp_dir}", file=sys.stderr, flush=True)
         return process.returncode
     finally:
         head.stop()
