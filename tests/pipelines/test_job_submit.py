@@ -6,9 +6,9 @@ The four jobs are submitted together, as a team shares a cluster, and each test 
 small job's time is start-up (the job's driver, Ray Train's worker group, Serve), which overlaps (measured
 on two cores: 77 s one after another, 49 s together; 57 s in a loaded CI run).
 
-They are submitted while Ray's machine-wide record of the latest cluster names another one, as it does
-whenever a cluster starts on this machine after the head (another head, a ``ray.cluster_utils.Cluster``):
-each job's driver must still run on the head it was submitted to (docs/ray-and-transformers-traps.md,
+One more, submitted while Ray's machine-wide record of the latest cluster names another one (as it does
+whenever a cluster starts on this machine after the head: another head, a ``ray.cluster_utils.Cluster``),
+prints where its driver connects: the head it was submitted to (docs/ray-and-transformers-traps.md,
 trap 13)."""
 
 import contextlib
@@ -140,4 +140,3 @@ def test_evaluate_job_submits_and_succeeds(jobs):
     assert "[evaluate] gqa done" in output
     metrics = json.loads((folder / "gqa" / "metrics.json").read_text())["metrics"]
     assert metrics["num_questions"] == 4 * 6 and (folder / "gqa" / "predictions.jsonl").exists()
-
